@@ -1,0 +1,150 @@
+"""Assemble an application: settings + the routers discovered in `app/routers`.
+
+Every process (the main one and each spawned worker) calls `Application.load()` itself, so
+nothing built here crosses a process boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import pkgutil
+import signal
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from core.config import Settings
+from core.router import Route, Router, RouteError, merge_routers
+from core.runtime import Runtime, RuntimeHook
+
+log = logging.getLogger("bootstrap")
+
+
+class DiscoveryError(RuntimeError):
+    """A router module could not be imported or exposes something that is not a Router."""
+
+
+def discover_routers(package: str) -> list[tuple[str, Router]]:
+    """Import every module of `package` (e.g. `app.routers`) that defines `router`, in name order."""
+    try:
+        pkg = importlib.import_module(package)
+    except ImportError as exc:
+        raise DiscoveryError(f"ROUTERS_PACKAGE={package!r}: cannot import it: {exc}") from exc
+    found: list[tuple[str, Router]] = []
+    paths = getattr(pkg, "__path__", None)
+    modules = [package] if paths is None else [f"{package}.{m.name}" for m in sorted(pkgutil.iter_modules(paths), key=lambda m: m.name)]
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except RouteError:
+            raise
+        except Exception as exc:
+            raise DiscoveryError(f"router module {name}: import failed: {type(exc).__name__}: {exc}") from exc
+        router = getattr(module, "router", None)
+        if router is None:
+            continue
+        if not isinstance(router, Router):
+            raise DiscoveryError(f"router module {name}: `router` is a {type(router).__name__}, not a core.router.Router")
+        found.append((name, router))
+    return found
+
+
+HookFactory = Callable[[Settings, str], Sequence[RuntimeHook]]
+
+
+@dataclass
+class Application:
+    """Settings plus the merged routes of the app."""
+
+    settings: Settings
+    router: Router
+    hook_factories: list[HookFactory] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, settings: Settings, router: Router | None = None) -> "Application":
+        if router is None:
+            router = merge_routers(discover_routers(settings.routers_package))
+        return cls(settings, router)
+
+    @property
+    def routes(self) -> list[Route]:
+        return list(self.router.routes)
+
+    def plain_routes(self) -> list[Route]:
+        return [r for r in self.router.routes if not r.shared]
+
+    def shared_routes(self) -> list[Route]:
+        return [r for r in self.router.routes if r.shared]
+
+    def make_runtime(self, routes: Sequence[Route], *, client_id: str | None = None, worker_id: str = "main",
+                     session_expiry: int | None = None) -> Runtime:
+        hooks: list[RuntimeHook] = []
+        for factory in self.hook_factories:
+            hooks.extend(factory(self.settings, worker_id))
+        return Runtime(self.settings, routes, client_id=client_id, worker_id=worker_id, hooks=hooks,
+                       session_expiry=session_expiry)
+
+
+async def serve_single_process(app: Application, *, test_mode: bool = False) -> int:
+    """`python main.py`: every route in this process (shared ones as `$share/...` subscriptions).
+
+    Returns the exit code: 0 after a clean drain, 1 if handlers had to be cancelled.
+    """
+    from core.embedded_broker import EmbeddedBroker
+
+    settings = app.settings
+    broker = None
+    if settings.uses_embedded_broker:
+        broker = EmbeddedBroker(settings.embedded_broker_host, settings.embedded_broker_port)
+        await broker.start()
+        log.info("embedded broker listening on %s:%d (set MQTT_BROKER to use an external one)",
+                 settings.embedded_broker_host, settings.embedded_broker_port)
+    runtime = app.make_runtime(app.routes)
+    install_stop_signals(runtime.request_stop)
+    idle_task = asyncio.create_task(stop_when_idle(runtime, settings.test_mode_idle)) if test_mode else None
+    try:
+        clean = await runtime.run()
+    finally:
+        if idle_task is not None:
+            idle_task.cancel()
+        if broker is not None:
+            await broker.stop()
+    return 0 if clean else 1
+
+
+def install_stop_signals(request_stop: Callable[[], None]) -> None:
+    """SIGINT/SIGTERM start a graceful stop; further signals during it are ignored (and logged)."""
+    loop = asyncio.get_running_loop()
+    state = {"stopping": False}
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if state["stopping"]:
+            log.info("%s received again; already stopping", name)
+            return
+        state["stopping"] = True
+        log.info("%s received; stopping gracefully", name)
+        request_stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+async def stop_when_idle(runtime: Runtime, idle_seconds: float) -> None:
+    """`--test-mode`: once subscribed, stop after `idle_seconds` with no message and nothing in flight."""
+    import time
+
+    await runtime.wait_ready()
+    last_seen = time.monotonic()
+    last_count = -1
+    while True:
+        await asyncio.sleep(min(0.2, idle_seconds / 4))
+        count = runtime.stats.received
+        if count != last_count or runtime.dispatcher.inflight:
+            last_count = count
+            last_seen = time.monotonic()
+        elif time.monotonic() - last_seen >= idle_seconds:
+            log.info("test mode: no message for %.3g s; stopping", idle_seconds)
+            runtime.request_stop()
+            return

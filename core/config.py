@@ -1,0 +1,258 @@
+"""Settings read from the environment (and `.env`), validated, with errors naming the variable.
+
+`load_settings(env)` is a pure function of a mapping, so tests pass a dict instead of patching
+`os.environ`. `Settings` is frozen: every process (the supervisor and each worker) builds its own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
+
+
+def parse_int(name: str, raw: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    _check_range(name, raw, value, minimum, maximum)
+    return value
+
+
+def parse_float(name: str, raw: str, *, minimum: float | None = None, maximum: float | None = None) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value != value:  # NaN
+        raise ConfigError(f"{name}={raw!r} is not a number")
+    _check_range(name, raw, value, minimum, maximum)
+    return value
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3}
+
+
+def parse_size(name: str, raw: str, *, minimum: int = 0) -> int:
+    """Bytes, with an optional unit: `262144`, `256KB`, `1MB`."""
+    text = raw.strip().lower()
+    digits = text.rstrip("kmgb ")
+    unit = text[len(digits):].strip()
+    if unit not in _SIZE_UNITS or not digits:
+        raise ConfigError(f"{name}={raw!r} is not a size (examples: 262144, 256KB, 1MB)")
+    try:
+        value = int(float(digits) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a size (examples: 262144, 256KB, 1MB)") from None
+    _check_range(name, raw, value, minimum, None)
+    return value
+
+
+def _check_range(name: str, raw: str, value: float, minimum: float | None, maximum: float | None) -> None:
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={raw!r} must be at most {maximum}")
+
+
+def parse_choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    value = raw.strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name}={raw!r} must be one of: {', '.join(choices)}")
+    return value
+
+
+def default_client_id(app_name: str) -> str:
+    """Stable across restarts of the same host, so the broker keeps the persistent session."""
+    host = socket.gethostname().split(".")[0] or "host"
+    return f"{app_name}-{host}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the framework. Documented in README.md and `.env.example`."""
+
+    app_name: str = "mqtt-app"
+    # Broker connection. mqtt_broker None means: start the embedded broker.
+    mqtt_broker: str | None = None
+    mqtt_port: int = 1883
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+    mqtt_client_id: str = ""
+    mqtt_group_name: str = "workers"
+    mqtt_protocol: str = "5"  # "5" or "3.1.1"
+    mqtt_keepalive: int = 60
+    mqtt_session_expiry: int = 300
+    mqtt_clean_start: bool = False
+    mqtt_tls: bool = False
+    mqtt_tls_ca: str | None = None
+    mqtt_tls_cert: str | None = None
+    mqtt_tls_key: str | None = None
+    mqtt_tls_insecure: bool = False
+    mqtt_reconnect_min: float = 0.5
+    mqtt_reconnect_max: float = 30.0
+    embedded_broker_host: str = "127.0.0.1"
+    embedded_broker_port: int = 1883
+    # Dispatch.
+    max_inflight: int = 100
+    max_payload_bytes: int = 256 * 1024
+    dead_letter_topic: str = "dead-letter/{topic}"
+    dead_letter_qos: int = 1
+    sync_handler_threads: int = 16
+    shutdown_timeout: float = 30.0
+    routers_package: str = "app.routers"
+    # Workers (used by core.worker_manager).
+    worker_count: int | None = None
+    worker_heartbeat_timeout: float = 30.0
+    worker_max_restarts: int = 5
+    worker_restart_window: float = 60.0
+    worker_max_messages: int = 0
+    worker_max_memory_mb: int = 0
+    stats_interval: float = 30.0
+    test_mode_idle: float = 5.0
+    # Logging.
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return self.mqtt_broker is None
+
+    @property
+    def broker_host(self) -> str:
+        return self.mqtt_broker if self.mqtt_broker is not None else self.embedded_broker_host
+
+    @property
+    def broker_port(self) -> int:
+        return self.mqtt_port if self.mqtt_broker is not None else self.embedded_broker_port
+
+    @property
+    def mqtt_v5(self) -> bool:
+        # amqtt (the embedded broker) speaks 3.1.1 only.
+        return self.mqtt_protocol == "5" and not self.uses_embedded_broker
+
+    def with_overrides(self, **changes: Any) -> "Settings":
+        return replace(self, **changes)
+
+
+def _opt(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    return raw
+
+
+def _get(env: Mapping[str, str], name: str, default: T, parse: Callable[[str, str], T]) -> T:
+    raw = _opt(env, name)
+    return default if raw is None else parse(name, raw)
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Build validated settings from a mapping of environment variables."""
+    d = Settings()
+    pos_int = lambda n, r: parse_int(n, r, minimum=1)  # noqa: E731
+    nonneg_int = lambda n, r: parse_int(n, r, minimum=0)  # noqa: E731
+    nonneg_float = lambda n, r: parse_float(n, r, minimum=0)  # noqa: E731
+    pos_float = lambda n, r: parse_float(n, r, minimum=0.001)  # noqa: E731
+    text = lambda n, r: r.strip()  # noqa: E731
+
+    app_name = _get(env, "APP_NAME", d.app_name, text)
+    if not app_name or any(c in app_name for c in "/+#"):
+        raise ConfigError(f"APP_NAME={app_name!r} must be non-empty and free of '/', '+', '#'")
+    protocol = _get(env, "MQTT_PROTOCOL", d.mqtt_protocol, lambda n, r: parse_choice(n, r, ("5", "3.1.1", "311")))
+    if protocol == "311":
+        protocol = "3.1.1"
+    group = _get(env, "MQTT_GROUP_NAME", d.mqtt_group_name, text)
+    if not group or any(c in group for c in "/+#"):
+        raise ConfigError(f"MQTT_GROUP_NAME={group!r} must be non-empty and free of '/', '+', '#'")
+    dead_letter = _get(env, "DEAD_LETTER_TOPIC", d.dead_letter_topic, text)
+    if "+" in dead_letter or "#" in dead_letter or not dead_letter:
+        raise ConfigError(f"DEAD_LETTER_TOPIC={dead_letter!r} must be a topic name without wildcards")
+    log_level = _get(env, "LOG_LEVEL", d.log_level, lambda n, r: parse_choice(n, r, ("debug", "info", "warning", "error", "critical"))).upper()
+
+    settings = Settings(
+        app_name=app_name,
+        mqtt_broker=_opt(env, "MQTT_BROKER"),
+        mqtt_port=_get(env, "MQTT_PORT", d.mqtt_port, lambda n, r: parse_int(n, r, minimum=1, maximum=65535)),
+        mqtt_username=_opt(env, "MQTT_USERNAME"),
+        mqtt_password=_opt(env, "MQTT_PASSWORD"),
+        mqtt_client_id=_get(env, "MQTT_CLIENT_ID", "", text) or default_client_id(app_name),
+        mqtt_group_name=group,
+        mqtt_protocol=protocol,
+        mqtt_keepalive=_get(env, "MQTT_KEEPALIVE", d.mqtt_keepalive, lambda n, r: parse_int(n, r, minimum=5, maximum=65535)),
+        mqtt_session_expiry=_get(env, "MQTT_SESSION_EXPIRY", d.mqtt_session_expiry, nonneg_int),
+        mqtt_clean_start=_get(env, "MQTT_CLEAN_START", d.mqtt_clean_start, parse_bool),
+        mqtt_tls=_get(env, "MQTT_TLS", d.mqtt_tls, parse_bool),
+        mqtt_tls_ca=_opt(env, "MQTT_TLS_CA"),
+        mqtt_tls_cert=_opt(env, "MQTT_TLS_CERT"),
+        mqtt_tls_key=_opt(env, "MQTT_TLS_KEY"),
+        mqtt_tls_insecure=_get(env, "MQTT_TLS_INSECURE", d.mqtt_tls_insecure, parse_bool),
+        mqtt_reconnect_min=_get(env, "MQTT_RECONNECT_MIN", d.mqtt_reconnect_min, pos_float),
+        mqtt_reconnect_max=_get(env, "MQTT_RECONNECT_MAX", d.mqtt_reconnect_max, pos_float),
+        embedded_broker_host=_get(env, "EMBEDDED_BROKER_HOST", d.embedded_broker_host, text),
+        embedded_broker_port=_get(env, "EMBEDDED_BROKER_PORT", d.embedded_broker_port, lambda n, r: parse_int(n, r, minimum=1, maximum=65535)),
+        max_inflight=_get(env, "MAX_INFLIGHT", d.max_inflight, lambda n, r: parse_int(n, r, minimum=1, maximum=65535)),
+        max_payload_bytes=_get(env, "MAX_PAYLOAD_BYTES", d.max_payload_bytes, lambda n, r: parse_size(n, r, minimum=1)),
+        dead_letter_topic=dead_letter,
+        dead_letter_qos=_get(env, "DEAD_LETTER_QOS", d.dead_letter_qos, lambda n, r: parse_int(n, r, minimum=0, maximum=2)),
+        sync_handler_threads=_get(env, "SYNC_HANDLER_THREADS", d.sync_handler_threads, pos_int),
+        shutdown_timeout=_get(env, "SHUTDOWN_TIMEOUT", d.shutdown_timeout, nonneg_float),
+        routers_package=_get(env, "ROUTERS_PACKAGE", d.routers_package, text),
+        worker_count=_get(env, "WORKER_COUNT", d.worker_count, pos_int),
+        worker_heartbeat_timeout=_get(env, "WORKER_HEARTBEAT_TIMEOUT", d.worker_heartbeat_timeout, pos_float),
+        worker_max_restarts=_get(env, "WORKER_MAX_RESTARTS", d.worker_max_restarts, nonneg_int),
+        worker_restart_window=_get(env, "WORKER_RESTART_WINDOW", d.worker_restart_window, pos_float),
+        worker_max_messages=_get(env, "WORKER_MAX_MESSAGES", d.worker_max_messages, nonneg_int),
+        worker_max_memory_mb=_get(env, "WORKER_MAX_MEMORY_MB", d.worker_max_memory_mb, nonneg_int),
+        stats_interval=_get(env, "STATS_INTERVAL", d.stats_interval, pos_float),
+        test_mode_idle=_get(env, "TEST_MODE_IDLE", d.test_mode_idle, pos_float),
+        log_level=log_level,
+        log_format=_get(env, "LOG_FORMAT", d.log_format, lambda n, r: parse_choice(n, r, ("text", "json"))),
+    )
+    if settings.mqtt_reconnect_max < settings.mqtt_reconnect_min:
+        raise ConfigError(
+            f"MQTT_RECONNECT_MAX={settings.mqtt_reconnect_max} must not be below MQTT_RECONNECT_MIN={settings.mqtt_reconnect_min}"
+        )
+    if settings.mqtt_tls and (settings.mqtt_tls_cert is None) != (settings.mqtt_tls_key is None):
+        raise ConfigError("MQTT_TLS_CERT and MQTT_TLS_KEY must be set together (client certificate and its key)")
+    for name in ("MQTT_TLS_CA", "MQTT_TLS_CERT", "MQTT_TLS_KEY"):
+        path = getattr(settings, name.lower())
+        if settings.mqtt_tls and path is not None and not Path(path).is_file():
+            raise ConfigError(f"{name}={path!r}: no such file")
+    if (settings.mqtt_username is None) and settings.mqtt_password is not None:
+        raise ConfigError("MQTT_PASSWORD is set but MQTT_USERNAME is not")
+    return settings
+
+
+def load_settings_from_environment(dotenv_path: str | os.PathLike[str] | None = ".env") -> Settings:
+    """Read `.env` (if present; real environment variables win) and then the environment."""
+    if dotenv_path is not None and Path(dotenv_path).is_file():
+        from dotenv import load_dotenv
+
+        load_dotenv(dotenv_path, override=False)
+    return load_settings(os.environ)
+
+
+SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Settings))

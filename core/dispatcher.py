@@ -1,0 +1,316 @@
+"""receive → match → decode → middleware → handler → response / dead letter → ack.
+
+Runs on the event loop's thread. Each delivered message becomes one task; its ack (QoS 1/2) is
+handed to the `AckSequencer` when every route it was delivered for has finished, successfully or
+by dead-lettering, so the broker redelivers whatever was still running when the process died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from concurrent.futures import Executor
+from functools import partial
+from typing import Any, Awaitable, Callable
+
+from core.acks import AckSequencer, AckTicket
+from core.config import Settings
+from core.context import MessageContext, Services
+from core.middleware import CallNext, build_chain
+from core.payload import PayloadError, decode_payload
+from core.router import Route, RouteTable
+from core.stats import ProcessStats
+
+log = logging.getLogger("core.dispatcher")
+
+_perf = time.perf_counter
+
+
+class DeadLetter(Exception):
+    """Raise from middleware or a handler to send the message to the dead-letter topic on purpose."""
+
+
+class _Endpoint:
+    """A route ready to run: its middleware chain and options, built once."""
+
+    __slots__ = ("route", "chain", "timeout", "fmt", "pattern", "stats")
+
+    def __init__(self, route: Route, chain: CallNext, stats: ProcessStats) -> None:
+        self.route = route
+        self.chain = chain
+        self.timeout = route.timeout
+        self.fmt = route.payload_format
+        self.pattern = route.pattern
+        self.stats = stats.route(route.pattern)
+
+
+class Dispatcher:
+    """Turns delivered MQTT messages into handler calls for one process."""
+
+    def __init__(
+        self,
+        table: RouteTable,
+        settings: Settings,
+        services: Services,
+        stats: ProcessStats,
+        ack: Callable[[int, int, int], None],
+        executor: Executor,
+        *,
+        use_subscription_ids: Callable[[], bool] = lambda: True,
+        on_complete: Callable[[], None] | None = None,
+    ) -> None:
+        self.table = table
+        self.settings = settings
+        self.services = services
+        self.stats = stats
+        self.acks = AckSequencer(ack)
+        self._executor = executor
+        self._use_subscription_ids = use_subscription_ids
+        self._on_complete = on_complete
+        self._max_payload = settings.max_payload_bytes
+        self._accepting = True
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: asyncio.Event | None = None
+        self.completed = 0  # read by the network thread for backpressure; written here only
+        self.last_message_at = 0.0
+        dl = settings.dead_letter_topic
+        self._dead_letter_prefix = dl.split("{topic}", 1)[0] if "{topic}" in dl else dl
+        self._endpoints: dict[int, _Endpoint] = {}
+        self._by_sub_id: list[_Endpoint | None] = [None]
+        for route in table.routes:
+            endpoint = _Endpoint(route, build_chain(route.middleware, self._make_handler_call(route)), stats)
+            self._endpoints[id(route)] = endpoint
+            self._by_sub_id.append(endpoint)
+
+    # -- building ---------------------------------------------------------------------------------
+
+    def _make_handler_call(self, route: Route) -> CallNext:
+        spec = route.handler
+        fn = spec.fn
+        arguments = spec.arguments
+        if spec.is_async:
+            async def call_async(context: MessageContext) -> Any:
+                return await fn(**arguments(context))
+
+            return call_async
+        executor = self._executor
+
+        def call_sync(context: MessageContext) -> Awaitable[Any]:
+            return asyncio.get_running_loop().run_in_executor(executor, partial(fn, **arguments(context)))
+
+        return call_sync
+
+    # -- intake (loop thread) ---------------------------------------------------------------------
+
+    @property
+    def inflight(self) -> int:
+        return len(self._tasks)
+
+    def submit(self, message: Any, generation: int) -> None:
+        """Start handling one delivered paho message."""
+        stats = self.stats
+        stats.received += 1
+        if not self._accepting:
+            # Not acked: a QoS 1/2 message stays with the broker for the next session.
+            stats.dropped_on_shutdown += 1
+            self.completed += 1
+            return
+        ticket = self.acks.track(message.mid, message.qos, generation) if message.qos else None
+        task = asyncio.get_running_loop().create_task(self._process(message, ticket))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self.completed += 1
+        self.stats.inflight = len(self._tasks)
+        if self._on_complete is not None:
+            self._on_complete()
+        if not self._tasks and self._idle is not None:
+            self._idle.set()
+
+    # -- processing -------------------------------------------------------------------------------
+
+    def _resolve(self, topic: str, levels: list[str], message: Any) -> list[tuple[_Endpoint, dict[str, str]]]:
+        found: list[tuple[_Endpoint, dict[str, str]]] = []
+        props = message.properties
+        sub_ids = getattr(props, "SubscriptionIdentifier", None) if props is not None else None
+        if sub_ids and self._use_subscription_ids():
+            by_id = self._by_sub_id
+            for sid in sub_ids:
+                endpoint = by_id[sid] if 0 < sid < len(by_id) else None
+                if endpoint is not None:
+                    params = endpoint.route.compiled.extract(levels)
+                    # A stale subscription of an older app version may reuse an id: check the filter.
+                    if params is not None:
+                        found.append((endpoint, params))
+            if found:
+                return found
+        for route in self.table.match(topic):
+            params = route.compiled.extract(levels)
+            if params is not None:
+                found.append((self._endpoints[id(route)], params))
+        return found
+
+    async def _process(self, message: Any, ticket: AckTicket | None) -> None:
+        self.last_message_at = time.monotonic()
+        try:
+            topic: str = message.topic
+        except UnicodeDecodeError:
+            topic = ""
+        raw: bytes = message.payload
+        try:
+            if not topic:
+                await self._dead_letter(None, "<invalid UTF-8 topic>", raw, message, "TopicError", "topic is not valid UTF-8")
+            else:
+                levels = topic.split("/")
+                targets = self._resolve(topic, levels, message)
+                if not targets:
+                    self.stats.unrouted += 1
+                    await self._dead_letter(None, topic, raw, message, "NoRoute", "no route matches this topic")
+                for endpoint, params in targets:
+                    await self._run(endpoint, topic, params, raw, message)
+        except asyncio.CancelledError:
+            raise  # shutdown gave up on this message: no ack, the broker redelivers it
+        except Exception:
+            # Only the dead-letter publish itself can land here (e.g. the broker refused it).
+            log.exception("could not dead-letter a message on %r; acknowledging it to keep the session moving", topic)
+        if ticket is not None:
+            self.acks.complete(ticket)
+
+    async def _run(self, endpoint: _Endpoint, topic: str, params: dict[str, str], raw: bytes, message: Any) -> None:
+        route_stats = endpoint.stats
+        if len(raw) > self._max_payload:
+            await self._dead_letter(
+                endpoint, topic, raw, message, "PayloadTooLarge",
+                f"payload of {len(raw)} bytes exceeds MAX_PAYLOAD_BYTES={self._max_payload}",
+            )
+            return
+        try:
+            payload = decode_payload(raw, endpoint.fmt)
+        except PayloadError as exc:
+            log.warning("route %r: cannot decode payload on %r: %s", endpoint.pattern, topic, exc)
+            await self._dead_letter(endpoint, topic, raw, message, "PayloadError", str(exc))
+            return
+        context = MessageContext(
+            topic, params, payload, raw, message.qos, message.retain, message.dup, message.properties,
+            endpoint.route, self.services,
+        )
+        started = _perf()
+        try:
+            if endpoint.timeout is None:
+                result = await endpoint.chain(context)
+            else:
+                result = await asyncio.wait_for(endpoint.chain(context), endpoint.timeout)
+        except asyncio.CancelledError:
+            raise
+        except asyncio.TimeoutError:
+            elapsed = _perf() - started
+            self._observe(endpoint, elapsed, "timeout")
+            log.error("route %r: handler timed out after %.3g s on %r", endpoint.pattern, endpoint.timeout, topic)
+            await self._dead_letter(endpoint, topic, raw, message, "Timeout", f"handler exceeded timeout={endpoint.timeout} s")
+            return
+        except Exception as exc:
+            elapsed = _perf() - started
+            self._observe(endpoint, elapsed, "error")
+            if isinstance(exc, DeadLetter):
+                log.warning("route %r: message on %r dead-lettered: %s", endpoint.pattern, topic, exc)
+            else:
+                log.error("route %r: handler raised on %r: %s: %s", endpoint.pattern, topic, type(exc).__name__, exc,
+                          exc_info=exc)
+            await self._dead_letter(endpoint, topic, raw, message, type(exc).__name__, str(exc))
+            return
+        elapsed = _perf() - started
+        route_stats.handled += 1
+        route_stats.seconds += elapsed
+        self.stats.handled += 1
+        if self.stats.observers:
+            for observe in self.stats.observers:
+                observe(endpoint.pattern, elapsed, "ok")
+        if result is not None:
+            await self._respond(context, result)
+
+    def _observe(self, endpoint: _Endpoint, elapsed: float, outcome: str) -> None:
+        endpoint.stats.failed += 1
+        endpoint.stats.seconds += elapsed
+        self.stats.failed += 1
+        for observe in self.stats.observers:
+            observe(endpoint.pattern, elapsed, outcome)
+
+    async def _respond(self, context: MessageContext, result: Any) -> None:
+        response_topic = context.response_topic
+        if not response_topic:
+            return
+        properties: dict[str, Any] = {}
+        correlation = context.correlation_data
+        if correlation is not None:
+            properties["correlation_data"] = correlation
+        try:
+            await self.services.publisher.publish(response_topic, result, 1 if context.qos else 0, False,
+                                                  properties=properties or None)
+            self.stats.responses += 1
+        except Exception as exc:
+            log.error("route %r: could not publish the response to %r: %s", context.route.pattern, response_topic, exc)
+
+    async def _dead_letter(
+        self, endpoint: _Endpoint | None, topic: str, raw: bytes, message: Any, error_type: str, error: str,
+    ) -> None:
+        self.stats.dead_lettered += 1
+        if endpoint is not None:
+            endpoint.stats.dead_lettered += 1
+        route = endpoint.pattern if endpoint is not None else ""
+        if topic.startswith(self._dead_letter_prefix):
+            log.error("message on dead-letter topic %r failed again (%s: %s); not dead-lettering it twice", topic,
+                      error_type, error)
+            return
+        target = self.settings.dead_letter_topic.replace("{topic}", topic.lstrip("$"))
+        publisher = self.services.publisher
+        qos = self.settings.dead_letter_qos
+        if self.settings.mqtt_v5:
+            props = {
+                "user_properties": [
+                    ("error", error[:1024]), ("error_type", error_type), ("original_topic", topic),
+                    ("route", route), ("worker", self.services.worker_id), ("original_qos", str(message.qos)),
+                ],
+            }
+            await publisher.publish(target, raw, qos, False, properties=props)
+        else:
+            await publisher.publish(target, dead_letter_envelope(topic, raw, error_type, error, route, self.services.worker_id), qos)
+
+    # -- shutdown ---------------------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait for running handlers; cancel what is left after `timeout`. True if all finished."""
+        if not self._tasks:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            left = list(self._tasks)
+            log.warning("shutdown: %d handler(s) still running after %.3g s; cancelling them (their messages will be "
+                        "redelivered)", len(left), timeout)
+            for task in left:
+                task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+            return False
+
+
+def dead_letter_envelope(topic: str, raw: bytes, error_type: str, error: str, route: str, worker: str) -> dict[str, Any]:
+    """The JSON body of a dead letter on MQTT 3.1.1, which has no user properties."""
+    try:
+        body: str = raw.decode("utf-8")
+        encoding = "utf-8"
+    except UnicodeDecodeError:
+        body = base64.b64encode(raw).decode("ascii")
+        encoding = "base64"
+    return {
+        "original_topic": topic, "error_type": error_type, "error": error, "route": route, "worker": worker,
+        "payload": body, "payload_encoding": encoding,
+    }

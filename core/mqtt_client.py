@@ -1,0 +1,397 @@
+"""The only place that talks MQTT: connect, reconnect, subscribe, manual acks, publish.
+
+paho-mqtt's network loop runs in a thread of its own, so no handler (which runs on the asyncio
+loop or in a thread pool) can starve keepalive. Messages are acknowledged only when the
+application calls `ack()` (paho's manual acknowledgement), which `core.acks.AckSequencer` does
+in arrival order once the handlers have finished.
+
+Threading: `on_message` is called on the network thread; everything else public is called from
+the asyncio loop's thread. paho's own calls (`publish`, `ack`, `subscribe`) are thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from core.backoff import backoff_delay
+from core.config import Settings
+from core.payload import encode_payload
+
+log = logging.getLogger("core.mqtt")
+
+MessageCallback = Callable[[paho.MQTTMessage, int], None]
+
+
+class PublishError(RuntimeError):
+    """The broker refused a publish, or the client could not queue it."""
+
+
+@dataclass(frozen=True)
+class Subscription:
+    topic: str  # as sent to the broker, e.g. `$share/workers/sensors/+/data`
+    qos: int
+    subscription_id: int  # MQTT v5 subscription identifier (1-based)
+
+
+@dataclass
+class ConnectionState:
+    connected: bool = False
+    subscribed: bool = False
+    session_present: bool = False
+    connects: int = 0
+    disconnects: int = 0
+    last_error: str | None = None
+
+
+class MqttClient:
+    """One MQTT connection for one process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client_id: str,
+        on_message: MessageCallback,
+        *,
+        subscriptions: list[Subscription] | None = None,
+        receive_maximum: int | None = None,
+        session_expiry: int | None = None,
+        clean_start: bool | None = None,
+        name: str = "mqtt",
+    ) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.v5 = settings.mqtt_v5
+        self.subscriptions: list[Subscription] = list(subscriptions or [])
+        self.state = ConnectionState()
+        self.subscription_ids_available = self.v5
+        self._on_message = on_message
+        self._receive_maximum = receive_maximum or settings.max_inflight
+        self._session_expiry = settings.mqtt_session_expiry if session_expiry is None else session_expiry
+        self._clean_start = settings.mqtt_clean_start if clean_start is None else clean_start
+        self._name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._closing = False  # set before our own DISCONNECT, so its effects are not treated as a failure
+        self._wake = threading.Event()
+        self._generation = 0
+        self._pending_subacks: dict[int, list[Subscription]] = {}
+        self._pub_lock = threading.Lock()
+        self._pending_publishes: dict[int, asyncio.Future[None]] = {}
+        self._connected_event: asyncio.Event | None = None
+        self._subscribed_event: asyncio.Event | None = None
+        self._state_listeners: list[Callable[[str], None]] = []
+        self._paho = self._make_paho()
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def _make_paho(self) -> paho.Client:
+        s = self.settings
+        if self.v5:
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5, manual_ack=True,
+            )
+        else:
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv311,
+                clean_session=self._clean_start, manual_ack=True,
+            )
+        if s.mqtt_username is not None:
+            client.username_pw_set(s.mqtt_username, s.mqtt_password)
+        if s.mqtt_tls:
+            client.tls_set(
+                ca_certs=s.mqtt_tls_ca, certfile=s.mqtt_tls_cert, keyfile=s.mqtt_tls_key,
+                cert_reqs=ssl.CERT_NONE if s.mqtt_tls_insecure else ssl.CERT_REQUIRED,
+            )
+            if s.mqtt_tls_insecure:
+                client.tls_insecure_set(True)
+        # Unlimited local queue: outgoing QoS>0 messages published while disconnected wait for the reconnect.
+        client.max_queued_messages_set(0)
+        client.max_inflight_messages_set(max(20, self._receive_maximum))
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_subscribe = self._handle_subscribe
+        client.on_publish = self._handle_publish
+        client.on_message = self._handle_message
+        client.suppress_exceptions = True
+        return client
+
+    def add_state_listener(self, listener: Callable[[str], None]) -> None:
+        """`listener(event)` is called on the loop thread for 'connected', 'subscribed', 'disconnected'."""
+        self._state_listeners.append(listener)
+
+    @property
+    def generation(self) -> int:
+        """Increases with every successful connect; acks of an older generation are not sent."""
+        return self._generation
+
+    @property
+    def publishes_pending(self) -> int:
+        return len(self._pending_publishes)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start connecting in the network thread; returns at once (see `wait_subscribed`)."""
+        self._loop = loop
+        self._connected_event = asyncio.Event()
+        self._subscribed_event = asyncio.Event()
+        self._thread = threading.Thread(target=self._network_main, name=f"{self._name}-network", daemon=True)
+        self._thread.start()
+
+    async def wait_subscribed(self, timeout: float | None = None) -> bool:
+        assert self._subscribed_event is not None, "start() first"
+        try:
+            await asyncio.wait_for(self._subscribed_event.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def stop(self, *, session_expiry: int | None = None, timeout: float = 5.0) -> None:
+        """Disconnect cleanly and stop the network thread.
+
+        `session_expiry=0` ends the persistent session (a worker removed for good); by default the
+        session is kept so messages published meanwhile wait for the next start.
+        """
+        self._closing = True
+        props = None
+        if self.v5 and session_expiry is not None:
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = session_expiry
+        if self.state.connected:
+            # Queued behind any final PUBACKs; the network thread writes it before it exits.
+            self._paho.disconnect(properties=props)
+        self._stopping = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, timeout)
+        with self._pub_lock:
+            pending = list(self._pending_publishes.values())
+            self._pending_publishes.clear()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(PublishError("client stopped before the broker acknowledged the publish"))
+
+    def _network_main(self) -> None:
+        s = self.settings
+        host, port = s.broker_host, s.broker_port
+        attempt = 0
+        first = True
+        while not self._stopping:
+            try:
+                if first:
+                    props = None
+                    if self.v5:
+                        props = Properties(PacketTypes.CONNECT)
+                        props.SessionExpiryInterval = self._session_expiry
+                        props.ReceiveMaximum = min(65535, self._receive_maximum)
+                    log.info("%s: connecting to %s:%s as %r", self._name, host, port, self.client_id)
+                    self._paho.connect(
+                        host, port, keepalive=s.mqtt_keepalive, properties=props,
+                        **({"clean_start": self._clean_start} if self.v5 else {}),
+                    )
+                    first = False
+                else:
+                    self._paho.reconnect()
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                first = first and not isinstance(exc, OSError)
+                delay = backoff_delay(attempt, s.mqtt_reconnect_min, s.mqtt_reconnect_max, random.random)
+                self.state.last_error = str(exc)
+                log.warning("%s: cannot connect to %s:%s (%s); retrying in %.1f s", self._name, host, port, exc, delay)
+                attempt += 1
+                self._wake.wait(delay)
+                continue
+            rc = paho.MQTT_ERR_SUCCESS
+            while not self._stopping or self._paho.want_write():
+                rc = self._paho.loop(timeout=1.0)
+                if rc != paho.MQTT_ERR_SUCCESS:
+                    break
+                if self.state.connected:
+                    attempt = 0
+            if self._stopping or self._closing:
+                break
+            delay = backoff_delay(attempt, s.mqtt_reconnect_min, s.mqtt_reconnect_max, random.random)
+            log.warning("%s: connection to %s:%s lost (%s); reconnecting in %.1f s", self._name, host, port,
+                        paho.error_string(rc), delay)
+            attempt += 1
+            self._wake.wait(delay)
+
+    # -- callbacks (network thread) -------------------------------------------------------------
+
+    def _emit(self, event: str) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._emit_on_loop, event)
+        except RuntimeError:
+            pass  # loop closed during shutdown
+
+    def _emit_on_loop(self, event: str) -> None:
+        if event == "connected" and self._connected_event is not None:
+            self._connected_event.set()
+        elif event == "subscribed" and self._subscribed_event is not None:
+            self._subscribed_event.set()
+        elif event == "disconnected":
+            if self._connected_event is not None:
+                self._connected_event.clear()
+            if self._subscribed_event is not None:
+                self._subscribed_event.clear()
+        for listener in self._state_listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("%s: state listener failed on %r", self._name, event)
+
+    def _handle_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
+        if reason.is_failure:
+            self.state.last_error = str(reason)
+            log.error("%s: broker refused the connection: %s", self._name, reason)
+            return
+        self._generation += 1
+        self.state.connected = True
+        self.state.connects += 1
+        self.state.session_present = bool(flags.session_present)
+        if self.v5 and properties is not None:
+            available = getattr(properties, "SubscriptionIdentifierAvailable", 1)
+            self.subscription_ids_available = bool(available)
+        log.info(
+            "%s: connected to %s:%s as %r (%s session)", self._name, self.settings.broker_host,
+            self.settings.broker_port, self.client_id, "resumed" if self.state.session_present else "new",
+        )
+        self._emit("connected")
+        self._subscribe_all()
+
+    def _subscribe_all(self) -> None:
+        self.state.subscribed = False
+        self._pending_subacks.clear()
+        if not self.subscriptions:
+            self.state.subscribed = True
+            self._emit("subscribed")
+            return
+        if self.v5:
+            for sub in self.subscriptions:
+                props = None
+                if self.subscription_ids_available:
+                    props = Properties(PacketTypes.SUBSCRIBE)
+                    props.SubscriptionIdentifier = sub.subscription_id
+                rc, mid = self._paho.subscribe(sub.topic, options=SubscribeOptions(qos=sub.qos), properties=props)
+                if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
+                    self._pending_subacks[mid] = [sub]
+        else:
+            rc, mid = self._paho.subscribe([(sub.topic, sub.qos) for sub in self.subscriptions])
+            if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
+                self._pending_subacks[mid] = list(self.subscriptions)
+
+    def _handle_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode], properties: Any) -> None:
+        subs = self._pending_subacks.pop(mid, None)
+        if subs is None:
+            return
+        for sub, code in zip(subs, reason_codes):
+            if code.is_failure:
+                log.error("%s: broker refused the subscription %r (qos %d): %s", self._name, sub.topic, sub.qos, code)
+        if not self._pending_subacks:
+            self.state.subscribed = True
+            log.info("%s: subscribed to %d filter(s)", self._name, len(self.subscriptions))
+            self._emit("subscribed")
+
+    def _handle_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
+        was_connected = self.state.connected
+        self.state.connected = False
+        self.state.subscribed = False
+        if was_connected:
+            self.state.disconnects += 1
+            if self._closing:
+                log.info("%s: disconnected", self._name)
+            else:
+                log.warning("%s: disconnected from broker: %s", self._name, reason)
+            self._emit("disconnected")
+
+    def _handle_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        self._on_message(message, self._generation)
+
+    def _handle_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:
+        with self._pub_lock:
+            fut = self._pending_publishes.pop(mid, None)
+        if fut is not None and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(_settle_publish, fut, reason)
+            except RuntimeError:
+                pass
+
+    # -- API (loop thread) ----------------------------------------------------------------------
+
+    def ack(self, mid: int, qos: int, generation: int) -> None:
+        """Acknowledge a delivered message; skipped if the connection it came on is gone."""
+        if generation == self._generation and self.state.connected:
+            self._paho.ack(mid, qos)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Any = None,
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        properties: dict[str, Any] | None = None,
+    ) -> None:
+        """Publish; with qos>0, return once the broker acknowledged it (PUBACK/PUBCOMP)."""
+        data = encode_payload(payload)
+        props = self._publish_properties(properties) if properties else None
+        if qos == 0:
+            info = self._paho.publish(topic, data, 0, retain, props)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                raise PublishError(f"QoS 0 publish to {topic!r} failed: {paho.error_string(info.rc)}")
+            return
+        assert self._loop is not None, "start() first"
+        fut: asyncio.Future[None] = self._loop.create_future()
+        with self._pub_lock:
+            info = self._paho.publish(topic, data, qos, retain, props)
+            if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+                raise PublishError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
+            # NO_CONN: paho keeps the message and sends it after the reconnect.
+            self._pending_publishes[info.mid] = fut
+        await fut
+
+    def _publish_properties(self, properties: dict[str, Any]) -> Properties | None:
+        if not self.v5:
+            return None
+        props = Properties(PacketTypes.PUBLISH)
+        for key, value in properties.items():
+            if key == "user_properties":
+                props.UserProperty = [(str(k), str(v)) for k, v in (value.items() if isinstance(value, dict) else value)]
+            elif key == "correlation_data":
+                props.CorrelationData = value if isinstance(value, bytes) else str(value).encode()
+            elif key == "response_topic":
+                props.ResponseTopic = value
+            elif key == "content_type":
+                props.ContentType = value
+            elif key == "message_expiry":
+                props.MessageExpiryInterval = int(value)
+            else:
+                setattr(props, key, value)
+        return props
+
+
+def _settle_publish(fut: asyncio.Future[None], reason: ReasonCode) -> None:
+    if fut.done():
+        return
+    if reason is not None and getattr(reason, "is_failure", False):
+        fut.set_exception(PublishError(f"broker refused the publish: {reason}"))
+    else:
+        fut.set_result(None)
+

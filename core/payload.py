@@ -1,0 +1,58 @@
+"""Decoding inbound payloads and encoding outbound ones."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+PAYLOAD_FORMATS = ("auto", "json", "text", "bytes")
+
+_json_loads = json.loads
+_JSON_START = frozenset(b"{[")
+
+
+class PayloadError(ValueError):
+    """The payload cannot be decoded the way the route asks for."""
+
+
+def decode_payload(raw: bytes, fmt: str = "auto") -> Any:
+    """`auto`: a JSON object or array becomes dict/list, UTF-8 text str, anything else bytes.
+
+    In `auto`, a payload that starts like a JSON object/array but does not parse is an error
+    (dead-lettered) rather than silently handed over as text.
+    """
+    if fmt == "auto":
+        if not raw:
+            return ""
+        first = raw[0]
+        if first in _JSON_START or (first in b" \t\r\n" and raw.lstrip()[:1] in (b"{", b"[")):
+            try:
+                return _json_loads(raw)
+            except ValueError as exc:
+                raise PayloadError(f"invalid JSON: {exc}") from None
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw
+    if fmt == "json":
+        try:
+            return _json_loads(raw)
+        except ValueError as exc:
+            raise PayloadError(f"invalid JSON: {exc}") from None
+    if fmt == "text":
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PayloadError(f"payload is not UTF-8 text: {exc}") from None
+    return raw
+
+
+def encode_payload(value: Any) -> bytes:
+    """bytes as-is, str as UTF-8, None as empty, anything else as JSON."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if value is None:
+        return b""
+    return json.dumps(value, separators=(",", ":"), default=str).encode("utf-8")

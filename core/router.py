@@ -1,0 +1,367 @@
+"""Routes: topic patterns mapped to handlers, grouped with prefixes and middleware.
+
+A pattern is a topic filter whose levels may name parameters:
+
+- `{name}` matches one level (MQTT `+`) and passes it to the handler as `name`;
+- `{name:#}` matches the rest of the topic (MQTT `#`, last level only), joined with `/`;
+- a bare `+` or `#` is an MQTT wildcard whose value is not passed;
+- anything else matches literally.
+
+Every route compiles to one MQTT subscription. When several routes match a message, each of them
+runs, once (see README, "Overlapping routes"). Invalid patterns and duplicate routes raise
+`RouteError` at registration, naming the pattern and the module that registered it.
+"""
+
+from __future__ import annotations
+
+import keyword
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from core.handler import RESERVED_ARGUMENTS, HandlerSpec
+from core.middleware import Middleware, check_middleware
+from core.payload import PAYLOAD_FORMATS
+from core.topic_trie import TopicTrie
+
+
+class RouteError(ValueError):
+    """A route is invalid; the message names the pattern and the module."""
+
+
+@dataclass(frozen=True)
+class CompiledPattern:
+    pattern: str
+    filter: str
+    params: tuple[str, ...]
+    levels: tuple[str | None, ...]  # literal level text, or None for a wildcard level
+    slots: tuple[tuple[int, str], ...]  # (level index, parameter name) of single-level parameters
+    tail: tuple[int, str] | None  # (level index, name) of a multi-level parameter
+    multi_level: bool  # ends in '#'
+
+    def extract(self, levels: Sequence[str]) -> dict[str, str] | None:
+        """Parameters of a topic (already split on '/'), or None if the topic does not match."""
+        pattern_levels = self.levels
+        n = len(pattern_levels)
+        if self.multi_level:
+            # `a/#` matches `a` too: the '#' level may be absent.
+            if len(levels) < n - 1:
+                return None
+            check = n - 1
+        else:
+            if len(levels) != n:
+                return None
+            check = n
+        for i in range(check):
+            lit = pattern_levels[i]
+            if lit is not None and lit != levels[i]:
+                return None
+        if levels and levels[0].startswith("$") and pattern_levels and pattern_levels[0] is None:
+            return None
+        params = {name: levels[i] for i, name in self.slots}
+        if self.tail is not None:
+            index, name = self.tail
+            params[name] = "/".join(levels[index:])
+        return params
+
+
+def compile_pattern(pattern: str) -> CompiledPattern:
+    """Turn a route pattern into its MQTT filter and parameter plan; ValueError if invalid."""
+    if not isinstance(pattern, str) or pattern == "":
+        raise ValueError("the pattern must be a non-empty string")
+    if pattern.startswith("$share/") or pattern == "$share":
+        raise ValueError("do not write '$share/...' in a pattern; use shared=True (the group is MQTT_GROUP_NAME)")
+    if "\x00" in pattern:
+        raise ValueError("the pattern contains a NUL character")
+    raw_levels = pattern.split("/")
+    filter_levels: list[str] = []
+    literal_levels: list[str | None] = []
+    slots: list[tuple[int, str]] = []
+    params: list[str] = []
+    tail: tuple[int, str] | None = None
+    multi_level = False
+    last = len(raw_levels) - 1
+    for i, level in enumerate(raw_levels):
+        if level.startswith("{") and level.endswith("}"):
+            name, _, kind = level[1:-1].partition(":")
+            if kind not in ("", "+", "#"):
+                raise ValueError(f"parameter {level!r}: the kind after ':' must be '+' (one level) or '#' (the rest)")
+            _check_param_name(name, params)
+            params.append(name)
+            if kind == "#":
+                if i != last:
+                    raise ValueError(f"multi-level parameter {level!r} must be the last level")
+                tail = (i, name)
+                multi_level = True
+                filter_levels.append("#")
+            else:
+                slots.append((i, name))
+                filter_levels.append("+")
+            literal_levels.append(None)
+        elif level == "#":
+            if i != last:
+                raise ValueError("'#' must be the last level")
+            multi_level = True
+            filter_levels.append("#")
+            literal_levels.append(None)
+        elif level == "+":
+            filter_levels.append("+")
+            literal_levels.append(None)
+        else:
+            for ch in "+#{}":
+                if ch in level:
+                    raise ValueError(
+                        f"level {level!r} mixes {ch!r} with other characters; a wildcard or parameter must be a whole level"
+                    )
+            filter_levels.append(level)
+            literal_levels.append(level)
+    return CompiledPattern(
+        pattern=pattern,
+        filter="/".join(filter_levels),
+        params=tuple(params),
+        levels=tuple(literal_levels),
+        slots=tuple(slots),
+        tail=tail,
+        multi_level=multi_level,
+    )
+
+
+def _check_param_name(name: str, seen: list[str]) -> None:
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise ValueError(f"parameter name {name!r} is not a valid Python identifier")
+    if name in RESERVED_ARGUMENTS:
+        raise ValueError(
+            f"parameter name {name!r} is reserved for the handler argument of that name "
+            f"({', '.join(sorted(RESERVED_ARGUMENTS))}); rename the parameter"
+        )
+    if name in seen:
+        raise ValueError(f"parameter name {name!r} is used twice")
+
+
+@dataclass(eq=False)
+class Route:
+    """One pattern bound to one handler, with its delivery options."""
+
+    pattern: str
+    handler: HandlerSpec
+    compiled: CompiledPattern
+    qos: int = 0
+    shared: bool = False
+    worker_count: int = 1
+    middleware: tuple[Middleware, ...] = ()
+    payload_format: str = "auto"
+    timeout: float | None = None
+    stream: str | None = None
+    name: str = ""
+    module: str = "?"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def filter(self) -> str:
+        return self.compiled.filter
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return self.compiled.params
+
+    def subscription_topic(self, group: str) -> str:
+        """What this route subscribes to: `$share/<group>/<filter>` when shared."""
+        return f"$share/{group}/{self.compiled.filter}" if self.shared else self.compiled.filter
+
+    def match(self, topic: str) -> dict[str, str] | None:
+        return self.compiled.extract(topic.split("/"))
+
+    def describe(self) -> str:
+        return f"route {self.pattern!r} (registered in {self.module})"
+
+    def __repr__(self) -> str:
+        return f"<Route {self.pattern!r} -> {self.handler.name}>"
+
+
+def _join(prefix: str, pattern: str) -> str:
+    if not prefix:
+        return pattern
+    if not pattern:
+        return prefix
+    return prefix.rstrip("/") + "/" + pattern.lstrip("/")
+
+
+class Router:
+    """A list of routes. Modules in `app/routers` expose one as `router`; they are merged at startup."""
+
+    def __init__(self, prefix: str = "", middleware: Sequence[Middleware] = ()) -> None:
+        self.routes: list[Route] = []
+        self._by_key: dict[tuple[str, bool], Route] = {}  # (filter, shared) -> route, shared with groups
+        self._prefix = prefix
+        self._middleware: tuple[Middleware, ...] = tuple(middleware)
+        self._root: Router = self
+
+    def on(
+        self,
+        pattern: str,
+        handler: Callable[..., Any],
+        *,
+        qos: int = 0,
+        shared: bool = False,
+        worker_count: int = 1,
+        middleware: Sequence[Middleware] = (),
+        payload_format: str = "auto",
+        timeout: float | None = None,
+        stream: str | None = None,
+        name: str | None = None,
+        **options: Any,
+    ) -> Route:
+        """Register `handler` for topics matching `pattern`; returns the Route."""
+        module = sys._getframe(1).f_globals.get("__name__", "?")
+        return self._add(
+            pattern, handler, module, qos=qos, shared=shared, worker_count=worker_count, middleware=middleware,
+            payload_format=payload_format, timeout=timeout, stream=stream, name=name, options=options,
+        )
+
+    def route(self, pattern: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator form of `on`."""
+        module = sys._getframe(1).f_globals.get("__name__", "?")
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            options = dict(kwargs)
+            self._add(pattern, fn, module, **_split_options(options))
+            return fn
+
+        return decorate
+
+    def group(self, prefix: str = "", middleware: Sequence[Middleware] = ()) -> "Router":
+        """A sub-router whose routes get `prefix` and `middleware` (outermost first); usable with `with`."""
+        child = Router(_join(self._prefix, prefix), (*self._middleware, *middleware))
+        child.routes = self.routes
+        child._by_key = self._by_key
+        child._root = self._root
+        return child
+
+    def include(self, other: "Router", prefix: str = "", middleware: Sequence[Middleware] = ()) -> None:
+        """Add every route of `other` under this router's prefix and middleware."""
+        for route in other.routes:
+            self._add(
+                _join(prefix, route.pattern), route.handler.fn, route.module, qos=route.qos, shared=route.shared,
+                worker_count=route.worker_count, middleware=(*middleware, *route.middleware),
+                payload_format=route.payload_format, timeout=route.timeout, stream=route.stream,
+                name=route.name, options=dict(route.options),
+            )
+
+    def __enter__(self) -> "Router":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __iter__(self) -> Iterator[Route]:
+        return iter(self.routes)
+
+    def __len__(self) -> int:
+        return len(self.routes)
+
+    def _add(
+        self,
+        pattern: str,
+        handler: Callable[..., Any],
+        module: str,
+        *,
+        qos: int,
+        shared: bool,
+        worker_count: int,
+        middleware: Sequence[Middleware],
+        payload_format: str,
+        timeout: float | None,
+        stream: str | None,
+        name: str | None,
+        options: dict[str, Any],
+    ) -> Route:
+        full = _join(self._prefix, pattern) if isinstance(pattern, str) else pattern
+        where = f"route {full!r} (registered in {module})"
+        try:
+            compiled = compile_pattern(full)
+        except ValueError as exc:
+            raise RouteError(f"{where}: {exc}") from None
+        if qos not in (0, 1, 2):
+            raise RouteError(f"{where}: qos must be 0, 1 or 2, not {qos!r}")
+        if not isinstance(shared, bool):
+            raise RouteError(f"{where}: shared must be True or False, not {shared!r}")
+        if not isinstance(worker_count, int) or isinstance(worker_count, bool) or worker_count < 1:
+            raise RouteError(f"{where}: worker_count must be a whole number >= 1, not {worker_count!r}")
+        if worker_count > 1 and not shared:
+            raise RouteError(f"{where}: worker_count={worker_count} needs shared=True (only shared routes run in workers)")
+        if payload_format not in PAYLOAD_FORMATS:
+            raise RouteError(f"{where}: payload_format must be one of {', '.join(PAYLOAD_FORMATS)}, not {payload_format!r}")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise RouteError(f"{where}: timeout must be a positive number of seconds, not {timeout!r}")
+        chain: list[Middleware] = []
+        for mw in (*self._middleware, *middleware):
+            try:
+                chain.append(check_middleware(mw, where))
+            except TypeError as exc:
+                raise RouteError(str(exc)) from None
+        try:
+            spec = HandlerSpec(handler, compiled.params, where)
+        except TypeError as exc:
+            raise RouteError(str(exc)) from None
+        existing = self._by_key.get((compiled.filter, shared))
+        if existing is not None:
+            raise RouteError(_duplicate_message(where, existing))
+        route = Route(
+            pattern=full, handler=spec, compiled=compiled, qos=qos, shared=shared, worker_count=worker_count,
+            middleware=tuple(chain), payload_format=payload_format, timeout=timeout, stream=stream,
+            name=name or spec.name, module=module, options=options,
+        )
+        self.routes.append(route)
+        self._by_key[(compiled.filter, shared)] = route
+        return route
+
+
+def _duplicate_message(where: str, existing: Route) -> str:
+    shared = " (shared)" if existing.shared else ""
+    return f"{where}: registered twice — {existing.describe()} already subscribes to {existing.filter!r}{shared}"
+
+
+def _split_options(options: dict[str, Any]) -> dict[str, Any]:
+    known = ("qos", "shared", "worker_count", "middleware", "payload_format", "timeout", "stream", "name")
+    defaults: dict[str, Any] = {
+        "qos": 0, "shared": False, "worker_count": 1, "middleware": (), "payload_format": "auto",
+        "timeout": None, "stream": None, "name": None,
+    }
+    out = {k: options.pop(k, defaults[k]) for k in known}
+    out["options"] = options
+    return out
+
+
+class RouteTable:
+    """The routes one process serves, compiled: a trie for matching and subscription ids.
+
+    Subscription identifier `i + 1` belongs to `routes[i]` (MQTT v5), so a delivered message runs
+    exactly the routes whose subscriptions it was delivered for.
+    """
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self.routes: tuple[Route, ...] = tuple(routes)
+        self.trie: TopicTrie[Route] = TopicTrie()
+        for route in self.routes:
+            self.trie.insert(route.filter, route)
+        self.by_subscription_id: tuple[Route | None, ...] = (None, *self.routes)
+
+    def match(self, topic: str) -> list[Route]:
+        return self.trie.match(topic)
+
+    def __len__(self) -> int:
+        return len(self.routes)
+
+
+def merge_routers(routers: Iterable[tuple[str, Router]]) -> Router:
+    """One router with the routes of all (module name, router) pairs; duplicates across modules are errors."""
+    merged = Router()
+    for _module, router in routers:
+        for route in router.routes:
+            key = (route.filter, route.shared)
+            existing = merged._by_key.get(key)
+            if existing is not None:
+                raise RouteError(_duplicate_message(route.describe(), existing))
+            merged.routes.append(route)
+            merged._by_key[key] = route
+    return merged

@@ -1,0 +1,164 @@
+"""One process's runtime: MQTT client + dispatcher + plug-in services, started and drained together.
+
+The main process and every worker run this; only the routes (and so the subscriptions) differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, Sequence
+
+from core.config import Settings
+from core.context import Services
+from core.dispatcher import Dispatcher
+from core.mqtt_client import MqttClient, Subscription
+from core.router import Route, RouteTable
+from core.stats import ProcessStats
+
+log = logging.getLogger("core.runtime")
+
+
+class RuntimeHook(Protocol):
+    """A service that lives as long as the runtime (outbox processor, stream consumers, heartbeat...)."""
+
+    async def start(self, runtime: "Runtime") -> None: ...
+
+    async def stop(self, runtime: "Runtime") -> None: ...
+
+
+class Runtime:
+    """Serve `routes` on one MQTT connection until `stop()` is called."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        routes: Sequence[Route],
+        *,
+        client_id: str | None = None,
+        worker_id: str = "main",
+        hooks: Sequence[RuntimeHook] = (),
+        session_expiry: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self.client_id = client_id or settings.mqtt_client_id
+        self.table = RouteTable(routes)
+        self.stats = ProcessStats()
+        self.hooks: list[RuntimeHook] = list(hooks)
+        self.subscriptions = [
+            Subscription(route.subscription_topic(settings.mqtt_group_name), route.qos, index + 1)
+            for index, route in enumerate(self.table.routes)
+        ]
+        self.client = MqttClient(
+            settings, self.client_id, self._on_message_network_thread, subscriptions=self.subscriptions,
+            receive_maximum=settings.max_inflight, session_expiry=session_expiry, name=f"mqtt[{worker_id}]",
+        )
+        self.services = Services(self.client, worker_id)
+        self.executor = ThreadPoolExecutor(max_workers=settings.sync_handler_threads, thread_name_prefix="handler")
+        self.dispatcher = Dispatcher(
+            self.table, settings, self.services, self.stats, self.client.ack, self.executor,
+            use_subscription_ids=lambda: self.client.subscription_ids_available,
+            on_complete=self._on_complete,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: deque[tuple[Any, int]] = deque()
+        self._wakeup_scheduled = False
+        self._received = 0  # written by the network thread only
+        self._room = threading.Event()
+        self._waiting_for_room = False
+        self._stop_event: asyncio.Event | None = None
+        self._stopping = False
+        self.drained_cleanly = True
+
+    # -- network thread -> loop ---------------------------------------------------------------
+
+    def _on_message_network_thread(self, message: Any, generation: int) -> None:
+        # Backpressure: with MAX_INFLIGHT messages queued or running, stop reading the socket
+        # (QoS 1/2 are also bounded by the broker through Receive Maximum). Never wait while a
+        # handler waits for a PUBACK: only this thread can read it.
+        limit = self.settings.max_inflight
+        while (
+            self._received - self.dispatcher.completed >= limit
+            and not self._stopping
+            and self.client.publishes_pending == 0
+        ):
+            self._room.clear()
+            self._waiting_for_room = True
+            self._room.wait(0.1)
+        self._waiting_for_room = False
+        self._received += 1
+        self._inbox.append((message, generation))
+        if not self._wakeup_scheduled:
+            self._wakeup_scheduled = True
+            loop = self._loop
+            if loop is not None:
+                try:
+                    loop.call_soon_threadsafe(self._drain_inbox)
+                except RuntimeError:
+                    pass  # loop closed: the process is exiting and the message stays unacked
+
+    def _drain_inbox(self) -> None:
+        self._wakeup_scheduled = False
+        inbox = self._inbox
+        submit = self.dispatcher.submit
+        while inbox:
+            message, generation = inbox.popleft()
+            submit(message, generation)
+
+    def _on_complete(self) -> None:
+        if self._waiting_for_room:
+            self._room.set()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect and subscribe (in the background) and start hooks."""
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        for hook in self.hooks:
+            await hook.start(self)
+        self.client.start(self._loop)
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:
+        """True once connected and subscribed."""
+        return await self.client.wait_subscribed(timeout)
+
+    def request_stop(self) -> None:
+        """Ask `run()` to drain and return (safe to call from a signal handler on the loop)."""
+        if self._stop_event is not None:
+            self._stop_event.set()
+
+    async def run(self) -> bool:
+        """Start, serve until `request_stop()`, then drain. Returns True if everything drained cleanly."""
+        await self.start()
+        assert self._stop_event is not None
+        await self._stop_event.wait()
+        return await self.stop()
+
+    async def stop(self, *, session_expiry: int | None = None) -> bool:
+        """Stop receiving, finish in-flight handlers (up to SHUTDOWN_TIMEOUT), ack them, disconnect."""
+        self._stopping = True
+        self._room.set()
+        self.dispatcher.stop_accepting()
+        self._drain_inbox()  # messages already handed over are counted, not silently lost
+        log.info("stopping: %d handler(s) in flight", self.dispatcher.inflight)
+        clean = await self.dispatcher.drain(self.settings.shutdown_timeout)
+        # Give paho a moment to write the final PUBACKs before DISCONNECT.
+        await asyncio.sleep(0)
+        for hook in reversed(self.hooks):
+            try:
+                await hook.stop(self)
+            except Exception:
+                log.exception("stopping %r failed", hook)
+        await self.client.stop(session_expiry=session_expiry)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.stats.dropped_on_shutdown:
+            log.info("%d message(s) arrived during shutdown and were left to the broker (QoS 1/2 are redelivered)",
+                     self.stats.dropped_on_shutdown)
+        self.drained_cleanly = clean
+        log.info("stopped (%s)", "drained" if clean else "handlers cancelled")
+        return clean

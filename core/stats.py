@@ -1,0 +1,56 @@
+"""Per-process counters: plain integers updated on the event loop's thread, read by reporters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class RouteStats:
+    handled: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    seconds: float = 0.0  # total handler time, for the average
+
+
+# observe(route_pattern, seconds, outcome) with outcome in {"ok", "error", "timeout", "rejected"}
+Observer = Callable[[str, float, str], None]
+
+
+@dataclass
+class ProcessStats:
+    """What one process did; the supervisor collects these from workers."""
+
+    received: int = 0
+    handled: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    unrouted: int = 0
+    dropped_on_shutdown: int = 0
+    inflight: int = 0
+    responses: int = 0
+    routes: dict[str, RouteStats] = field(default_factory=dict)
+    observers: list[Observer] = field(default_factory=list)
+
+    def route(self, pattern: str) -> RouteStats:
+        stats = self.routes.get(pattern)
+        if stats is None:
+            stats = self.routes[pattern] = RouteStats()
+        return stats
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "received": self.received,
+            "handled": self.handled,
+            "failed": self.failed,
+            "dead_lettered": self.dead_lettered,
+            "unrouted": self.unrouted,
+            "dropped_on_shutdown": self.dropped_on_shutdown,
+            "inflight": self.inflight,
+            "responses": self.responses,
+            "routes": {
+                pattern: {"handled": r.handled, "failed": r.failed, "dead_lettered": r.dead_lettered, "seconds": r.seconds}
+                for pattern, r in self.routes.items()
+            },
+        }

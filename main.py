@@ -1,0 +1,103 @@
+"""Command line: run the app (single process or with workers), list routes, publish a test message."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import Sequence
+
+HELP_EPILOG = """\
+commands:
+  run (default)          serve the routes in app/routers
+  routes                 print the route table
+  publish TOPIC PAYLOAD  publish one message (for manual checks)
+
+examples:
+  python main.py                      # single process; embedded broker unless MQTT_BROKER is set
+  python main.py --workers            # supervisor + one worker process per CPU core for shared routes
+  python main.py --workers 4          # four worker processes, each subscribed to every shared route
+  python main.py routes
+  python main.py publish devices/42/status '{"state": "on"}' --qos 1
+
+Configuration comes from environment variables and .env; see .env.example and README.md.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="main.py", description="MQTT application framework: routes MQTT topics to controllers.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=HELP_EPILOG,
+    )
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "routes", "publish"), help="what to do (default: run)")
+    parser.add_argument("args", nargs="*", help="for publish: TOPIC PAYLOAD")
+    parser.add_argument("--workers", nargs="?", const=0, type=int, metavar="N",
+                        help="run shared routes in N worker processes (no N: one per CPU core; WORKER_COUNT also sets it)")
+    parser.add_argument("--test-mode", action="store_true",
+                        help="handle what is available and exit 0 after TEST_MODE_IDLE seconds without messages")
+    parser.add_argument("--debug", action="store_true", help="log at DEBUG level (overrides LOG_LEVEL)")
+    parser.add_argument("--env-file", default=".env", help="dotenv file to read (default: .env; real environment wins)")
+    parser.add_argument("--qos", type=int, default=0, choices=(0, 1, 2), help="for publish: QoS (default 0)")
+    parser.add_argument("--retain", action="store_true", help="for publish: set the retain flag")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from core.config import ConfigError, load_settings_from_environment
+    from core.logging_setup import setup_logging
+
+    try:
+        settings = load_settings_from_environment(args.env_file)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.debug:
+        settings = settings.with_overrides(log_level="DEBUG")
+    setup_logging(settings.log_level, settings.log_format, "main")
+
+    if args.command == "publish":
+        from core.cli_tools import publish_once
+
+        if len(args.args) != 2:
+            print("usage: python main.py publish TOPIC PAYLOAD [--qos N] [--retain]", file=sys.stderr)
+            return 2
+        return publish_once(settings, args.args[0], args.args[1], args.qos, args.retain)
+
+    from bootstrap.app import Application, DiscoveryError, serve_single_process
+    from core.router import RouteError
+
+    try:
+        app = Application.load(settings)
+    except (RouteError, DiscoveryError) as exc:
+        print(f"route error: {exc}", file=sys.stderr)
+        return 2
+
+    if args.command == "routes":
+        from core.cli_tools import format_route_table
+
+        print(format_route_table(app.routes, settings))
+        return 0
+
+    from core.embedded_broker import EmbeddedBrokerError
+
+    workers = args.workers
+    if workers is None and settings.worker_count is not None and app.shared_routes():
+        workers = settings.worker_count
+    try:
+        if workers is not None:
+            from core.worker_manager import run_supervisor
+
+            return run_supervisor(app, workers=workers or None, test_mode=args.test_mode, env_file=args.env_file)
+        return asyncio.run(serve_single_process(app, test_mode=args.test_mode))
+    except EmbeddedBrokerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
