@@ -5,8 +5,10 @@ loop or in a thread pool) can starve keepalive. Messages are acknowledged only w
 application calls `ack()` (paho's manual acknowledgement), which `core.acks.AckSequencer` does
 in arrival order once the handlers have finished.
 
-Threading: `on_message` is called on the network thread; everything else public is called from
-the asyncio loop's thread. paho's own calls (`publish`, `ack`, `subscribe`) are thread-safe.
+Threading: paho is used from the network thread only. The loop thread hands acks, publishes and
+the final disconnect over as commands in a deque and wakes the network thread once per batch, so
+paho writes each packet straight to the socket with no extra wake-up per packet and no two
+threads ever write to the socket at once.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import logging
 import random
 import ssl
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import paho.mqtt.client as paho
@@ -89,8 +94,10 @@ class MqttClient:
         self._wake = threading.Event()
         self._generation = 0
         self._pending_subacks: dict[int, list[Subscription]] = {}
-        self._pub_lock = threading.Lock()
         self._pending_publishes: dict[int, asyncio.Future[None]] = {}
+        self._commands: deque[Callable[[], None]] = deque()
+        self._commands_wake_pending = False
+        self._publish_waiters = 0
         self._connected_event: asyncio.Event | None = None
         self._subscribed_event: asyncio.Event | None = None
         self._state_listeners: list[Callable[[str], None]] = []
@@ -140,7 +147,32 @@ class MqttClient:
 
     @property
     def publishes_pending(self) -> int:
-        return len(self._pending_publishes)
+        return self._publish_waiters
+
+    # -- commands: loop thread -> network thread -------------------------------------------------
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        self._commands.append(command)
+        if not self._commands_wake_pending:
+            self._commands_wake_pending = True
+            self._wake.set()
+            wake = self._paho._sockpairW  # paho's own self-pipe: breaks its select()
+            if wake is not None:
+                try:
+                    wake.send(b"\0")
+                except OSError:
+                    pass
+
+    def run_commands(self) -> None:
+        """Run queued commands (network thread only; also called while it waits for room)."""
+        self._commands_wake_pending = False
+        commands = self._commands
+        while commands:
+            command = commands.popleft()
+            try:
+                command()
+            except Exception:
+                log.exception("%s: network command failed", self._name)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -173,15 +205,15 @@ class MqttClient:
             props.SessionExpiryInterval = session_expiry
         if self.state.connected:
             # Queued behind any final PUBACKs; the network thread writes it before it exits.
-            self._paho.disconnect(properties=props)
-        self._stopping = True
+            self._submit(lambda: self._paho.disconnect(properties=props))
+        else:
+            self._stopping = True
         self._wake.set()
         thread = self._thread
         if thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, thread.join, timeout)
-        with self._pub_lock:
-            pending = list(self._pending_publishes.values())
-            self._pending_publishes.clear()
+        pending = list(self._pending_publishes.values())
+        self._pending_publishes.clear()
         for fut in pending:
             if not fut.done():
                 fut.set_exception(PublishError("client stopped before the broker acknowledged the publish"))
@@ -213,10 +245,12 @@ class MqttClient:
                 self.state.last_error = str(exc)
                 log.warning("%s: cannot connect to %s:%s (%s); retrying in %.1f s", self._name, host, port, exc, delay)
                 attempt += 1
-                self._wake.wait(delay)
+                self._sleep_running_commands(delay)
                 continue
             rc = paho.MQTT_ERR_SUCCESS
-            while not self._stopping or self._paho.want_write():
+            while not self._stopping:
+                if self._commands:
+                    self.run_commands()
                 rc = self._paho.loop(timeout=1.0)
                 if rc != paho.MQTT_ERR_SUCCESS:
                     break
@@ -228,7 +262,19 @@ class MqttClient:
             log.warning("%s: connection to %s:%s lost (%s); reconnecting in %.1f s", self._name, host, port,
                         paho.error_string(rc), delay)
             attempt += 1
-            self._wake.wait(delay)
+            self._sleep_running_commands(delay)
+        self.run_commands()
+
+    def _sleep_running_commands(self, delay: float) -> None:
+        # While disconnected, publishes still queue up in paho (sent after the reconnect).
+        deadline = time.monotonic() + delay
+        while not self._stopping and not self._closing:
+            self._wake.clear()
+            self.run_commands()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(left)
 
     # -- callbacks (network thread) -------------------------------------------------------------
 
@@ -311,6 +357,8 @@ class MqttClient:
 
     def _handle_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
         was_connected = self.state.connected
+        if self._closing:
+            self._stopping = True
         self.state.connected = False
         self.state.subscribed = False
         if was_connected:
@@ -325,18 +373,18 @@ class MqttClient:
         self._on_message(message, self._generation)
 
     def _handle_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:
-        with self._pub_lock:
-            fut = self._pending_publishes.pop(mid, None)
-        if fut is not None and self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(_settle_publish, fut, reason)
-            except RuntimeError:
-                pass
+        fut = self._pending_publishes.pop(mid, None)
+        if fut is not None:
+            failed = reason is not None and getattr(reason, "is_failure", False)
+            self._settle(fut, PublishError(f"broker refused the publish: {reason}") if failed else None)
 
     # -- API (loop thread) ----------------------------------------------------------------------
 
     def ack(self, mid: int, qos: int, generation: int) -> None:
         """Acknowledge a delivered message; skipped if the connection it came on is gone."""
+        self._submit(partial(self._ack_now, mid, qos, generation))
+
+    def _ack_now(self, mid: int, qos: int, generation: int) -> None:
         if generation == self._generation and self.state.connected:
             self._paho.ack(mid, qos)
 
@@ -352,20 +400,43 @@ class MqttClient:
         """Publish; with qos>0, return once the broker acknowledged it (PUBACK/PUBCOMP)."""
         data = encode_payload(payload)
         props = self._publish_properties(properties) if properties else None
-        if qos == 0:
-            info = self._paho.publish(topic, data, 0, retain, props)
-            if info.rc != paho.MQTT_ERR_SUCCESS:
-                raise PublishError(f"QoS 0 publish to {topic!r} failed: {paho.error_string(info.rc)}")
-            return
-        assert self._loop is not None, "start() first"
-        fut: asyncio.Future[None] = self._loop.create_future()
-        with self._pub_lock:
+        loop = self._loop
+        assert loop is not None, "start() first"
+        fut: asyncio.Future[None] = loop.create_future()
+        self._publish_waiters += qos > 0
+        try:
+            self._submit(partial(self._publish_now, fut, topic, data, qos, retain, props))
+            await fut
+        finally:
+            self._publish_waiters -= qos > 0
+
+    def _publish_now(self, fut: asyncio.Future[None], topic: str, data: bytes, qos: int, retain: bool,
+                     props: Properties | None) -> None:
+        try:
             info = self._paho.publish(topic, data, qos, retain, props)
-            if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-                raise PublishError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
+        except (ValueError, TypeError) as exc:
+            self._settle(fut, PublishError(f"publish to {topic!r} rejected: {exc}"))
+            return
+        if qos == 0:
+            ok = info.rc == paho.MQTT_ERR_SUCCESS
+            self._settle(fut, None if ok else PublishError(f"QoS 0 publish to {topic!r} failed: {paho.error_string(info.rc)}"))
+        elif info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             # NO_CONN: paho keeps the message and sends it after the reconnect.
-            self._pending_publishes[info.mid] = fut
-        await fut
+            if info.is_published():
+                self._settle(fut, None)
+            else:
+                self._pending_publishes[info.mid] = fut
+        else:
+            self._settle(fut, PublishError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}"))
+
+    def _settle(self, fut: asyncio.Future[None], error: BaseException | None) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(_settle_future, fut, error)
+        except RuntimeError:
+            pass
 
     def _publish_properties(self, properties: dict[str, Any]) -> Properties | None:
         if not self.v5:
@@ -387,11 +458,11 @@ class MqttClient:
         return props
 
 
-def _settle_publish(fut: asyncio.Future[None], reason: ReasonCode) -> None:
+def _settle_future(fut: asyncio.Future[None], error: BaseException | None) -> None:
     if fut.done():
         return
-    if reason is not None and getattr(reason, "is_failure", False):
-        fut.set_exception(PublishError(f"broker refused the publish: {reason}"))
-    else:
+    if error is None:
         fut.set_result(None)
+    else:
+        fut.set_exception(error)
 

@@ -88,7 +88,8 @@ class Runtime:
         ):
             self._room.clear()
             self._waiting_for_room = True
-            self._room.wait(0.1)
+            self.client.run_commands()  # acks of finished handlers must still go out
+            self._room.wait(0.05)
         self._waiting_for_room = False
         self._received += 1
         self._inbox.append((message, generation))
