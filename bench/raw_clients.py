@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any, Protocol
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, REPO_ROOT)
 
 import aiomqtt
 import paho.mqtt.client as mqtt
@@ -305,6 +306,23 @@ def aiomqtt_factory(*, protocol: int = 5) -> SubscriberFactory:
 
 # -- publishers ---------------------------------------------------------------
 
+def _connect_and_wait(client: mqtt.Client, host: str, port: int, timeout: float = 30) -> None:
+    """Connect and start the loop; return once the CONNACK is in, so that no
+    payload is time-stamped while the connection is still being set up."""
+    connected = threading.Event()
+    client.on_connect = lambda c, u, f, rc, p: connected.set()
+    client.connect(host, port)
+    sock = client.socket()
+    if sock is not None:
+        # paho leaves Nagle on: a QoS 0 stream (nothing comes back to carry the
+        # ACKs) would then stall ~40 ms behind delayed ACKs and skew latency.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client.loop_start()
+    if not connected.wait(timeout):
+        client.loop_stop()
+        raise RuntimeError(f"no CONNACK from {host}:{port} in {timeout}s")
+
+
 def publish_backlog(
     broker: Broker, topic: str, n: int, *, qos: int = 1,
     payload_size: int = DEFAULT_PAYLOAD_SIZE, window: int = 1000, timeout: float = 120,
@@ -326,8 +344,7 @@ def publish_backlog(
             all_acked.set()
 
     client.on_publish = on_publish
-    client.connect(broker.host, broker.port)
-    client.loop_start()
+    _connect_and_wait(client, broker.host, broker.port)
     start = time.perf_counter()
     try:
         for seq in range(n):
@@ -346,8 +363,8 @@ def publish_stream(
 ) -> None:
     """Publish ``n`` messages at ``rate`` per second (None: as fast as possible).
 
-    Meant to run in its own process (see :func:`live_stream`) so it does not
-    compete with the subscriber for the GIL.
+    :func:`live_stream` runs it in its own interpreter
+    (``python -m bench.raw_clients _publish ...``).
     """
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
     client.max_inflight_messages_set(1000)
@@ -362,8 +379,7 @@ def publish_stream(
             all_sent.set()
 
     client.on_publish = on_publish
-    client.connect(host, port)
-    client.loop_start()
+    _connect_and_wait(client, host, port)
     try:
         start = time.perf_counter()
         for seq in range(n):
@@ -430,19 +446,18 @@ def live_stream(
     consumer.start()
     if not recorder.ready.wait(60) or failure:
         raise RuntimeError(f"subscriber never became ready: {failure}")
-    publisher = multiprocessing.get_context("spawn").Process(
-        target=publish_stream,
-        args=(broker.host, broker.port, topic, n, qos, rate, payload_size, timeout),
-        daemon=True,
-    )
-    publisher.start()
-    publisher.join(timeout)
-    if publisher.is_alive():
-        publisher.kill()
-        publisher.join()
-    recorder.mark_published()
-    if publisher.exitcode != 0:
-        raise RuntimeError(f"publisher exited with {publisher.exitcode}")
+    # A separate interpreter, so the publisher does not compete with the
+    # subscriber for the GIL; started by command so importers need no __main__.
+    cmd = [
+        sys.executable, "-m", "bench.raw_clients", "_publish", broker.host, str(broker.port),
+        topic, str(n), str(qos), str(rate or 0), str(payload_size), str(timeout),
+    ]
+    try:
+        publisher = subprocess.run(cmd, cwd=REPO_ROOT, timeout=timeout + 30, capture_output=True, text=True)
+    finally:
+        recorder.mark_published()
+    if publisher.returncode != 0:
+        raise RuntimeError(f"publisher exited with {publisher.returncode}: {publisher.stderr[-2000:]}")
     consumer.join(timeout + idle + 10)
     if failure:
         raise failure[0]
@@ -507,6 +522,11 @@ def _mosquitto_version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_publish"]:
+        host, port, topic, n, qos, rate, size, timeout = argv[1:9]
+        publish_stream(host, int(port), topic, int(n), int(qos), float(rate) or None, int(size), float(timeout))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=20_000, help="messages per drain/flood run")
     parser.add_argument("--live-count", type=int, default=3_000, help="messages per latency run")
@@ -515,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--protocol", type=int, choices=(4, 5), default=5, help="4 = MQTT 3.1.1")
     parser.add_argument("--clients", default="paho,paho-manual-ack,aiomqtt")
+    parser.add_argument("--broker-conf", default="", help='extra mosquitto.conf lines, e.g. "set_tcp_nodelay true"')
     args = parser.parse_args(argv)
 
     clients: dict[str, SubscriberFactory] = {
@@ -531,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line, file=sys.stderr, flush=True)
 
     runs: dict[tuple[str, int], list[Row]] = {}
-    with MosquittoServer(max_queued=max(100_000, 2 * args.count)) as broker:
+    with MosquittoServer(max_queued=max(100_000, 2 * args.count), extra_conf=args.broker_conf) as broker:
         for rep in range(args.repeat):
             log(f"repeat {rep + 1}/{args.repeat}")
             for name in chosen:
@@ -553,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         f"QoS 0 msgs/s: live flood of {args.count:,} from another process (lost = worst run). "
         f"p50/p99: publish-to-callback latency at {args.rate:,.0f} msgs/s, {args.live_count:,} messages; "
         f"payload {args.payload_size} B. "
-        f"Broker defaults (max_inflight 20, no TCP_NODELAY) except max_queued.\n"
+        f"Broker defaults (max_inflight 20, no TCP_NODELAY) except max_queued"
+        f"{'; extra conf: ' + args.broker_conf if args.broker_conf else ''}.\n"
     )
     print(format_table(medians, baseline="paho"))
     return 0
