@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import select
+import socket
 import ssl
 import threading
 import time
@@ -75,6 +77,7 @@ class MqttClient:
         session_expiry: int | None = None,
         clean_start: bool | None = None,
         name: str = "mqtt",
+        on_batch_end: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -83,6 +86,10 @@ class MqttClient:
         self.state = ConnectionState()
         self.subscription_ids_available = self.v5
         self._on_message = on_message
+        self._on_batch_end = on_batch_end
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._receive_maximum = receive_maximum or settings.max_inflight
         self._session_expiry = settings.mqtt_session_expiry if session_expiry is None else session_expiry
         self._clean_start = settings.mqtt_clean_start if clean_start is None else clean_start
@@ -156,12 +163,10 @@ class MqttClient:
         if not self._commands_wake_pending:
             self._commands_wake_pending = True
             self._wake.set()
-            wake = self._paho._sockpairW  # paho's own self-pipe: breaks its select()
-            if wake is not None:
-                try:
-                    wake.send(b"\0")
-                except OSError:
-                    pass
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass  # pipe full: the network thread is awake anyway
 
     def run_commands(self) -> None:
         """Run queued commands (network thread only; also called while it waits for room)."""
@@ -247,15 +252,9 @@ class MqttClient:
                 attempt += 1
                 self._sleep_running_commands(delay)
                 continue
-            rc = paho.MQTT_ERR_SUCCESS
-            while not self._stopping:
-                if self._commands:
-                    self.run_commands()
-                rc = self._paho.loop(timeout=1.0)
-                if rc != paho.MQTT_ERR_SUCCESS:
-                    break
-                if self.state.connected:
-                    attempt = 0
+            rc = self._io_loop()
+            if self.state.connected:
+                attempt = 0
             if self._stopping or self._closing:
                 break
             delay = backoff_delay(attempt, s.mqtt_reconnect_min, s.mqtt_reconnect_max, random.random)
@@ -264,6 +263,63 @@ class MqttClient:
             attempt += 1
             self._sleep_running_commands(delay)
         self.run_commands()
+
+    def _io_loop(self) -> int:
+        """Serve one connection until it drops or we stop; returns paho's error code.
+
+        Like paho's `loop()`, but it reads every packet already buffered before handing the
+        batch to the application (one wake-up of the event loop per batch, not per message) and
+        wakes on our own pipe when the loop thread queues commands.
+        """
+        p = self._paho
+        wake_r = self._wake_r
+        rc = paho.MQTT_ERR_SUCCESS
+        while not self._stopping:
+            sock = p.socket()
+            if sock is None:
+                return paho.MQTT_ERR_NO_CONN
+            if self._commands:
+                self.run_commands()
+            timeout = 0.0 if getattr(sock, "pending", None) and sock.pending() else 1.0  # type: ignore[union-attr]
+            try:
+                readable, writable, _ = select.select([sock, wake_r], [sock] if p.want_write() else [], [], timeout)
+            except (OSError, ValueError, TypeError):
+                return paho.MQTT_ERR_CONN_LOST
+            if wake_r in readable:
+                try:
+                    wake_r.recv(4096)
+                except BlockingIOError:
+                    pass
+            if sock in readable or timeout == 0.0:
+                rc = self._read_batch()
+                if self._on_batch_end is not None:
+                    self._on_batch_end()
+                if rc != paho.MQTT_ERR_SUCCESS:
+                    return rc
+            if self._commands:
+                self.run_commands()
+            if p.want_write() or sock in writable:
+                rc = p.loop_write()
+                if rc != paho.MQTT_ERR_SUCCESS:
+                    return rc
+            rc = p.loop_misc()
+            if rc != paho.MQTT_ERR_SUCCESS:
+                return rc
+        return rc
+
+    def _read_batch(self, limit: int = 512) -> int:
+        # paho's loop_read() handles one packet per call when nothing is in flight; its
+        # per-packet reader is used here until the socket has nothing more buffered.
+        p = self._paho
+        for _ in range(limit):
+            if p._sock is None:
+                return paho.MQTT_ERR_NO_CONN
+            rc = p._packet_read()
+            if rc == paho.MQTT_ERR_AGAIN:
+                return paho.MQTT_ERR_SUCCESS
+            if rc > 0:
+                return p._loop_rc_handle(rc)
+        return paho.MQTT_ERR_SUCCESS
 
     def _sleep_running_commands(self, delay: float) -> None:
         # While disconnected, publishes still queue up in paho (sent after the reconnect).

@@ -56,6 +56,7 @@ class Runtime:
         self.client = MqttClient(
             settings, self.client_id, self._on_message_network_thread, subscriptions=self.subscriptions,
             receive_maximum=settings.max_inflight, session_expiry=session_expiry, name=f"mqtt[{worker_id}]",
+            on_batch_end=self._wake_loop,
         )
         self.services = Services(self.client, worker_id)
         self.executor = ThreadPoolExecutor(max_workers=settings.sync_handler_threads, thread_name_prefix="handler")
@@ -81,6 +82,13 @@ class Runtime:
         # (QoS 1/2 are also bounded by the broker through Receive Maximum). Never wait while a
         # handler waits for a PUBACK: only this thread can read it.
         limit = self.settings.max_inflight
+        if self._received - self.dispatcher.completed >= limit:
+            self._wait_for_room(limit)
+        self._received += 1
+        self._inbox.append((message, generation))
+
+    def _wait_for_room(self, limit: int) -> None:
+        self._wake_loop()  # the loop must see what is queued, or no room would ever free up
         while (
             self._received - self.dispatcher.completed >= limit
             and not self._stopping
@@ -91,9 +99,10 @@ class Runtime:
             self.client.run_commands()  # acks of finished handlers must still go out
             self._room.wait(0.05)
         self._waiting_for_room = False
-        self._received += 1
-        self._inbox.append((message, generation))
-        if not self._wakeup_scheduled:
+
+    def _wake_loop(self) -> None:
+        """Network thread: hand the messages read so far to the event loop (once per batch)."""
+        if self._inbox and not self._wakeup_scheduled:
             self._wakeup_scheduled = True
             loop = self._loop
             if loop is not None:
