@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         f"QoS 0 msgs/s: live flood of {args.count:,} from another process (lost = worst run). "
         f"p50/p99: publish-to-callback latency at {args.rate:,.0f} msgs/s, {args.live_count:,} messages; "
         f"payload {args.payload_size} B. "
-        f"Broker defaults (max_inflight 20, no TCP_NODELAY) except max_queued"
+        f"Broker defaults (max_inflight 20, no TCP_NODELAY) except max_queued; publisher sockets TCP_NODELAY"
         f"{'; extra conf: ' + args.broker_conf if args.broker_conf else ''}.\n"
     )
     print(format_table(medians, baseline="paho"))
