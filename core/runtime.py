@@ -65,6 +65,7 @@ class Runtime:
             use_subscription_ids=lambda: self.client.subscription_ids_available,
             on_complete=self._on_complete,
         )
+        self._v5 = self.client.v5
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: deque[tuple[Any, int]] = deque()
         self._wakeup_scheduled = False
@@ -78,16 +79,18 @@ class Runtime:
     # -- network thread -> loop ---------------------------------------------------------------
 
     def _on_message_network_thread(self, message: Any, generation: int) -> None:
-        # Backpressure: with MAX_INFLIGHT messages queued or running, stop reading the socket
-        # (QoS 1/2 are also bounded by the broker through Receive Maximum). Never wait while a
-        # handler waits for a PUBACK: only this thread can read it.
+        # Backpressure. On MQTT 5 the broker never has more than Receive Maximum (= MAX_INFLIGHT)
+        # unacknowledged QoS 1/2 messages out to us, and we ack only after the handlers, so those
+        # are bounded without waiting here. QoS 0 (and 3.1.1, which has no Receive Maximum) stop
+        # reading the socket while MAX_INFLIGHT messages are queued or running.
         limit = self.settings.max_inflight
-        if self._received - self.dispatcher.completed >= limit:
+        if self._received - self.dispatcher.completed >= limit and (message.qos == 0 or not self._v5):
             self._wait_for_room(limit)
         self._received += 1
         self._inbox.append((message, generation))
 
     def _wait_for_room(self, limit: int) -> None:
+        # Never wait while a handler waits for a PUBACK: only this thread can read it.
         self._wake_loop()  # the loop must see what is queued, or no room would ever free up
         while (
             self._received - self.dispatcher.completed >= limit
