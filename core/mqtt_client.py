@@ -95,6 +95,7 @@ class MqttClient:
         self._clean_start = settings.mqtt_clean_start if clean_start is None else clean_start
         self._name = name
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread_id = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._closing = False  # set before our own DISCONNECT, so its effects are not treated as a failure
@@ -184,6 +185,7 @@ class MqttClient:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start connecting in the network thread; returns at once (see `wait_subscribed`)."""
         self._loop = loop
+        self._loop_thread_id = threading.get_ident()
         self._connected_event = asyncio.Event()
         self._subscribed_event = asyncio.Event()
         self._thread = threading.Thread(target=self._network_main, name=f"{self._name}-network", daemon=True)
@@ -465,6 +467,23 @@ class MqttClient:
             await fut
         finally:
             self._publish_waiters -= qos > 0
+
+    def publish_sync(
+        self,
+        topic: str,
+        payload: Any = None,
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        properties: dict[str, Any] | None = None,
+        timeout: float | None = 30.0,
+    ) -> None:
+        """`publish` for plain (sync) handlers, which run in the thread pool: blocks until done."""
+        loop = self._loop
+        assert loop is not None, "start() first"
+        if threading.get_ident() == self._loop_thread_id:
+            raise RuntimeError("publish_sync() would block the event loop; use `await client.publish(...)` here")
+        asyncio.run_coroutine_threadsafe(self.publish(topic, payload, qos, retain, properties=properties), loop).result(timeout)
 
     def _publish_now(self, fut: asyncio.Future[None], topic: str, data: bytes, qos: int, retain: bool,
                      props: Properties | None) -> None:
