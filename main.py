@@ -6,7 +6,10 @@ import argparse
 import asyncio
 import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from core.config import Settings
 
 HELP_EPILOG = """\
 commands:
@@ -55,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.debug:
         settings = settings.with_overrides(log_level="DEBUG")
+        os.environ["LOG_LEVEL"] = "DEBUG"  # worker processes read the environment
     setup_logging(settings.log_level, settings.log_format, "main")
+    port_was_set = bool(os.environ.get("EMBEDDED_BROKER_PORT", "").strip())
 
     if args.command == "publish":
         from core.cli_tools import publish_once
@@ -63,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(args.args) != 2:
             print("usage: python main.py publish TOPIC PAYLOAD [--qos N] [--retain]", file=sys.stderr)
             return 2
+        if settings.uses_embedded_broker and not port_was_set:
+            settings = embedded_broker_for_publish(settings)
         return publish_once(settings, args.args[0], args.args[1], args.qos, args.retain)
 
     from bootstrap.app import Application, DiscoveryError, serve_single_process
@@ -80,7 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_route_table(app.routes, settings))
         return 0
 
+    from bootstrap.app import choose_embedded_broker_port
     from core.embedded_broker import EmbeddedBrokerError
+
+    if settings.uses_embedded_broker:
+        settings = choose_embedded_broker_port(settings, port_was_set)
+        os.environ["EMBEDDED_BROKER_PORT"] = str(settings.embedded_broker_port)  # for worker processes
+        app.settings = settings
 
     workers = args.workers
     if workers is None and settings.worker_count is not None and app.shared_routes():
@@ -96,6 +109,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def embedded_broker_for_publish(settings: "Settings") -> "Settings":
+    """`publish` without MQTT_BROKER: an app's embedded broker on the fallback port if one listens there."""
+    import socket
+
+    from bootstrap.app import EMBEDDED_FALLBACK_PORT
+
+    try:
+        with socket.create_connection((settings.embedded_broker_host, EMBEDDED_FALLBACK_PORT), timeout=0.5):
+            return settings.with_overrides(embedded_broker_port=EMBEDDED_FALLBACK_PORT)
+    except OSError:
+        return settings
 
 
 if __name__ == "__main__":

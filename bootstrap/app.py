@@ -50,6 +50,41 @@ def discover_routers(package: str) -> list[tuple[str, Router]]:
     return found
 
 
+# Where the embedded broker goes when EMBEDDED_BROKER_PORT is not set and 1883 is taken.
+EMBEDDED_FALLBACK_PORT = 11883
+
+
+def port_is_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def choose_embedded_broker_port(settings: Settings, port_was_set: bool) -> Settings:
+    """With no EMBEDDED_BROKER_PORT and 1883 taken (say, by a Mosquitto), use 11883 instead.
+
+    An explicitly set port is kept as it is: if it is taken, the broker's start fails with a
+    one-line message naming the ways out.
+    """
+    host, port = settings.embedded_broker_host, settings.embedded_broker_port
+    if port_was_set or port_is_free(host, port):
+        return settings
+    if port_is_free(host, EMBEDDED_FALLBACK_PORT):
+        log.warning(
+            "port %d on %s is taken (another MQTT broker?); the embedded broker uses port %d instead. "
+            "To use the broker on %d set MQTT_BROKER=%s; to choose the port set EMBEDDED_BROKER_PORT.",
+            port, host, EMBEDDED_FALLBACK_PORT, port, host,
+        )
+        return settings.with_overrides(embedded_broker_port=EMBEDDED_FALLBACK_PORT)
+    return settings
+
+
 HookFactory = Callable[[Settings, str], Sequence[RuntimeHook]]
 
 
