@@ -102,6 +102,7 @@ class MqttClient:
         self._wake = threading.Event()
         self._generation = 0
         self._pending_subacks: dict[int, list[Subscription]] = {}
+        self._pending_unsubacks: dict[int, asyncio.Future[None]] = {}
         self._pending_publishes: dict[int, asyncio.Future[None]] = {}
         self._commands: deque[Callable[[], None]] = deque()
         self._commands_wake_pending = False
@@ -139,6 +140,7 @@ class MqttClient:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_subscribe = self._handle_subscribe
+        client.on_unsubscribe = self._handle_unsubscribe
         client.on_publish = self._handle_publish
         client.on_message = self._handle_message
         client.suppress_exceptions = True
@@ -413,6 +415,11 @@ class MqttClient:
             log.info("%s: subscribed to %d filter(s)", self._name, len(self.subscriptions))
             self._emit("subscribed")
 
+    def _handle_unsubscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        fut = self._pending_unsubacks.pop(mid, None)
+        if fut is not None:
+            self._settle(fut, None)
+
     def _handle_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
         was_connected = self.state.connected
         if self._closing:
@@ -445,6 +452,34 @@ class MqttClient:
     def _ack_now(self, mid: int, qos: int, generation: int) -> None:
         if generation == self._generation and self.state.connected:
             self._paho.ack(mid, qos)
+
+    async def unsubscribe(self, topics: list[str] | None = None, timeout: float = 10.0) -> bool:
+        """Remove subscriptions (default: all of ours) and wait for the broker's UNSUBACK.
+
+        They are also dropped from the list resubscribed after a reconnect. False if not connected
+        or no UNSUBACK came within `timeout` (the session then still holds them).
+        """
+        topics = [sub.topic for sub in self.subscriptions] if topics is None else list(topics)
+        self.subscriptions = [sub for sub in self.subscriptions if sub.topic not in topics]
+        if not topics or not self.state.connected:
+            return not topics
+        loop = self._loop
+        assert loop is not None, "start() first"
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def send() -> None:
+            rc, mid = self._paho.unsubscribe(topics)
+            if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
+                self._pending_unsubacks[mid] = fut
+            else:
+                self._settle(fut, PublishError(f"unsubscribe failed: {paho.error_string(rc)}"))
+
+        self._submit(send)
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except (asyncio.TimeoutError, PublishError):
+            return False
 
     async def publish(
         self,
