@@ -1,0 +1,463 @@
+"""The runtime end to end, in-process, against each broker: a private Mosquitto (MQTT 5) and the
+embedded amqtt broker (MQTT 3.1.1). Handlers are closures that record what they saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Callable
+
+import pytest
+
+from core.context import MessageContext
+from core.middleware import BaseMiddleware, CallNext
+from core.router import Router
+from tests.integration.conftest import BrokerTarget, ProbeFn, ServeFn
+from tests.support.rt_probe import Probe
+from tests.support.rt_proxy import MqttProxy, next_seq
+from tests.support.rt_wait import wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def settle(probe: Probe, topic: str, payload: str, arrived: Callable[[], bool]) -> None:
+    """Publish a marker after the messages under test and wait until its handler saw it.
+
+    Used before asserting exact counts: a duplicate or stray delivery of the earlier messages
+    would (in practice) have been handled by the time a later message on the same connection is.
+    """
+    await probe.publish(topic, payload)
+    await wait_until(arrived, f"marker {payload!r} on {topic!r}")
+
+
+# -- routing ----------------------------------------------------------------------------------------
+
+
+async def test_params_wildcards_and_payload_types(broker: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn,
+                                                  unique_id: str) -> None:
+    u = unique_id
+    seen: list[tuple[Any, ...]] = []
+
+    async def status(device_id: str, payload: Any, topic: str) -> None:
+        seen.append(("status", device_id, payload, topic))
+
+    async def logs(path: str, payload: Any) -> None:
+        seen.append(("logs", path, payload))
+
+    async def plus(topic: str) -> None:
+        seen.append(("plus", topic))
+
+    async def hashed(topic: str, payload: Any) -> None:
+        seen.append(("hash", topic, payload))
+
+    router = Router()
+    router.on(f"{u}/devices/{{device_id}}/status", status, qos=1)
+    router.on(f"{u}/logs/{{path:#}}", logs, qos=1)
+    router.on(f"{u}/plus/+/end", plus, qos=1)
+    router.on(f"{u}/hash/#", hashed, qos=1)
+    await serve(broker, router)
+    probe = await probe_factory(broker)
+
+    await probe.publish(f"{u}/devices/42/status", {"state": "on"})
+    await probe.publish(f"{u}/devices/43/status", b"[1, 2]")
+    await probe.publish(f"{u}/devices/44/status", "plain text")
+    await probe.publish(f"{u}/devices/45/status", b"\xff\x00binary")
+    await probe.publish(f"{u}/logs/a/b/c", "line")
+    await probe.publish(f"{u}/logs", "parent")
+    await probe.publish(f"{u}/plus/x/end", "1")
+    await probe.publish(f"{u}/plus/x/y/end", "no route")  # matches no subscription
+    await probe.publish(f"{u}/hash", "2")
+    await probe.publish(f"{u}/hash/q/r", "3")
+    await wait_until(lambda: len(seen) >= 9, "9 handled messages")
+    await settle(probe, f"{u}/hash/marker", "M", lambda: ("hash", f"{u}/hash/marker", "M") in seen)
+    assert sorted(map(repr, seen)) == sorted(map(repr, [
+        ("status", "42", {"state": "on"}, f"{u}/devices/42/status"),
+        ("status", "43", [1, 2], f"{u}/devices/43/status"),
+        ("status", "44", "plain text", f"{u}/devices/44/status"),
+        ("status", "45", b"\xff\x00binary", f"{u}/devices/45/status"),
+        ("logs", "a/b/c", "line"),
+        ("logs", "", "parent"),
+        ("plus", f"{u}/plus/x/end"),
+        ("hash", f"{u}/hash", "2"),
+        ("hash", f"{u}/hash/q/r", "3"),
+        ("hash", f"{u}/hash/marker", "M"),
+    ]))
+
+
+class Trace(BaseMiddleware):
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    async def handle(self, context: MessageContext, call_next: CallNext) -> Any:
+        self.log.append(f"{self.name}>")
+        try:
+            result = await call_next(context)
+        except Exception as exc:
+            self.log.append(f"<{self.name}!{type(exc).__name__}")
+            raise
+        self.log.append(f"<{self.name}={result}")
+        return result
+
+
+class Deny(BaseMiddleware):
+    async def handle(self, context: MessageContext, call_next: CallNext) -> Any:
+        if isinstance(context.payload, dict) and context.payload.get("deny"):
+            return "denied"
+        return await call_next(context)
+
+
+class Enrich(BaseMiddleware):
+    async def handle(self, context: MessageContext, call_next: CallNext) -> Any:
+        context.payload = {**context.payload, "enriched_by": "middleware", "site": context.params["site"]}
+        return await call_next(context)
+
+
+async def test_groups_and_middleware_order_short_circuit_and_payload_change(
+        broker: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
+    u = unique_id
+    log: list[str] = []
+    handled: list[Any] = []
+
+    async def reading(site: str, sensor: str, payload: Any) -> str:
+        log.append("handler")
+        handled.append((site, sensor, payload))
+        if payload.get("fail"):
+            raise ValueError("bad reading")
+        return "ok"
+
+    router = Router()
+    with router.group(prefix=f"{u}/site/{{site}}", middleware=[Trace("group", log), Deny()]) as site:
+        with site.group(prefix="sensors", middleware=[Trace("nested", log)]) as sensors:
+            sensors.on("{sensor}/reading", reading, qos=1, middleware=[Trace("route", log), Enrich()])
+    await serve(broker, router)
+    probe = await probe_factory(broker)
+
+    await probe.publish(f"{u}/site/s1/sensors/t9/reading", {"v": 1})
+    await wait_until(lambda: len(log) >= 7, "the chain to unwind")
+    assert log == ["group>", "nested>", "route>", "handler", "<route=ok", "<nested=ok", "<group=ok"]
+    assert handled == [("s1", "t9", {"v": 1, "enriched_by": "middleware", "site": "s1"})]
+
+    log.clear()
+    await probe.publish(f"{u}/site/s1/sensors/t9/reading", {"deny": True})
+    await wait_until(lambda: len(log) >= 2, "the short-circuited chain")
+    assert log == ["group>", "<group=denied"]
+
+    log.clear()
+    await probe.publish(f"{u}/site/s2/sensors/t1/reading", {"fail": True})
+    await wait_until(lambda: len(log) >= 7, "the failing chain")
+    assert log == ["group>", "nested>", "route>", "handler", "<route!ValueError", "<nested!ValueError",
+                   "<group!ValueError"]
+    assert len(handled) == 2  # the denied message never reached the handler
+
+
+async def test_sync_handlers_run_in_the_thread_pool(broker: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn,
+                                                    unique_id: str) -> None:
+    u = unique_id
+    gate = threading.Event()
+    threads: list[str] = []
+    results: list[bool] = []
+
+    def blocking(payload: Any) -> None:
+        threads.append(threading.current_thread().name)
+        # Only an async handler on the event loop can open the gate: if this ran on the loop
+        # (or blocked it), the gate would never open.
+        results.append(gate.wait(20))
+
+    async def opener(payload: Any) -> None:
+        gate.set()
+
+    router = Router()
+    router.on(f"{u}/sync", blocking, qos=1)
+    router.on(f"{u}/async", opener, qos=1)
+    runtime = await serve(broker, router)
+    probe = await probe_factory(broker)
+    await probe.publish(f"{u}/sync", "wait")
+    await wait_until(lambda: threads, "the sync handler to start")
+    await probe.publish(f"{u}/async", "open")
+    await wait_until(lambda: results, "the sync handler to finish")
+    assert results == [True]
+    assert threads[0].startswith("handler") and threads[0] != threading.main_thread().name
+    assert "network" not in threads[0]
+    assert runtime.stats.handled == 2
+
+
+# -- responses and dead letters ----------------------------------------------------------------------
+
+
+async def test_return_value_goes_to_the_response_topic(broker: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn,
+                                                       unique_id: str) -> None:
+    if not broker.v5:
+        pytest.skip("response topics are MQTT 5; the embedded broker speaks 3.1.1")
+    u = unique_id
+
+    async def status(device_id: str, payload: Any) -> dict[str, Any]:
+        return {"device_id": device_id, "echo": payload}
+
+    def command(device_id: str) -> str:
+        return f"sync:{device_id}"
+
+    async def silent(payload: Any) -> None:
+        return None
+
+    router = Router()
+    router.on(f"{u}/dev/{{device_id}}/status", status, qos=1)
+    router.on(f"{u}/dev/{{device_id}}/command", command, qos=0)
+    router.on(f"{u}/silent", silent, qos=1)
+    runtime = await serve(broker, router)
+    probe = await probe_factory(broker)
+    await probe.subscribe(f"{u}/responses/#")
+
+    await probe.publish(f"{u}/dev/7/status", {"x": 1}, response_topic=f"{u}/responses/a", correlation_data=b"corr-1")
+    await probe.publish(f"{u}/dev/8/command", "go", qos=0, response_topic=f"{u}/responses/b",
+                        correlation_data=b"\x00\x01")
+    await probe.publish(f"{u}/silent", "x", response_topic=f"{u}/responses/c")
+    await probe.publish(f"{u}/dev/9/status", "no response topic")
+    await wait_until(lambda: runtime.stats.handled == 4, "4 handled messages")
+    responses = await probe.wait_count(f"{u}/responses/", 2)
+    by_topic = {m.topic: m for m in responses}
+    assert by_topic[f"{u}/responses/a"].json() == {"device_id": "7", "echo": {"x": 1}}
+    assert by_topic[f"{u}/responses/a"].correlation_data == b"corr-1"
+    assert by_topic[f"{u}/responses/a"].qos == 1
+    assert by_topic[f"{u}/responses/b"].payload == b"sync:8"
+    assert by_topic[f"{u}/responses/b"].correlation_data == b"\x00\x01"
+    await settle(probe, f"{u}/dev/10/status", "m", lambda: runtime.stats.handled == 5)
+    assert len(probe.on(f"{u}/responses/")) == 2  # None returns and missing response topics publish nothing
+
+
+async def test_bad_payloads_and_failing_handlers_go_to_dead_letter(
+        broker: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
+    u = unique_id
+    good: list[Any] = []
+
+    async def accept(payload: Any) -> None:
+        good.append(payload)
+
+    async def explode(payload: Any) -> None:
+        raise ValueError(f"boom {payload}")
+
+    def explode_sync(payload: Any) -> None:
+        raise KeyError("sync boom")
+
+    router = Router()
+    router.on(f"{u}/in/auto", accept, qos=1)
+    router.on(f"{u}/in/json", accept, qos=1, payload_format="json")
+    router.on(f"{u}/in/raise", explode, qos=1)
+    router.on(f"{u}/in/raise-sync", explode_sync, qos=0)
+    runtime = await serve(broker, router, MAX_PAYLOAD_BYTES="100")
+    probe = await probe_factory(broker)
+    await probe.subscribe(f"dead-letter/{u}/#")
+
+    await probe.publish(f"{u}/in/auto", b"{not json")
+    await probe.publish(f"{u}/in/json", b"plain")
+    await probe.publish(f"{u}/in/raise", b"42")
+    await probe.publish(f"{u}/in/raise-sync", b"x", qos=0)
+    await probe.publish(f"{u}/in/auto", b"x" * 101)
+    letters = await probe.wait_count(f"dead-letter/{u}/", 5)
+
+    if broker.v5:
+        errors = {(m.topic, m.user_properties["error_type"]): m for m in letters}
+        for m in letters:
+            assert m.user_properties["original_topic"] == m.topic.removeprefix("dead-letter/")
+            assert m.user_properties["route"].startswith(f"{u}/in/")
+            assert m.user_properties["original_qos"] in ("0", "1")
+        raised = errors[(f"dead-letter/{u}/in/raise", "ValueError")]
+        assert raised.user_properties["error"] == "boom 42"
+        assert raised.payload == b"42"  # the original payload, unchanged
+        assert "invalid JSON" in errors[(f"dead-letter/{u}/in/auto", "PayloadError")].user_properties["error"]
+        assert errors[(f"dead-letter/{u}/in/json", "PayloadError")].payload == b"plain"
+        assert "sync boom" in errors[(f"dead-letter/{u}/in/raise-sync", "KeyError")].user_properties["error"]
+        big = errors[(f"dead-letter/{u}/in/auto", "PayloadTooLarge")]
+        assert "MAX_PAYLOAD_BYTES=100" in big.user_properties["error"]
+        assert big.payload == b"x" * 101
+    else:
+        envelopes = {(m.topic, m.json()["error_type"]): m.json() for m in letters}
+        assert set(envelopes) == {
+            (f"dead-letter/{u}/in/auto", "PayloadError"), (f"dead-letter/{u}/in/json", "PayloadError"),
+            (f"dead-letter/{u}/in/raise", "ValueError"), (f"dead-letter/{u}/in/raise-sync", "KeyError"),
+            (f"dead-letter/{u}/in/auto", "PayloadTooLarge"),
+        }
+        raised = envelopes[(f"dead-letter/{u}/in/raise", "ValueError")]
+        assert raised["error"] == "boom 42"
+        assert raised["original_topic"] == f"{u}/in/raise"
+        assert raised["payload"] == "42" and raised["payload_encoding"] == "utf-8"
+        assert raised["route"] == f"{u}/in/raise"
+        assert "MAX_PAYLOAD_BYTES=100" in envelopes[(f"dead-letter/{u}/in/auto", "PayloadTooLarge")]["error"]
+
+    # The process is alive and keeps handling.
+    await probe.publish(f"{u}/in/auto", {"still": "alive"})
+    await wait_until(lambda: good == [{"still": "alive"}], "a good message after the failures")
+    assert runtime.stats.dead_lettered == 5
+    assert runtime.stats.failed == 2
+
+
+async def test_custom_dead_letter_topic(broker: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn,
+                                        unique_id: str) -> None:
+    u = unique_id
+
+    async def explode(payload: Any) -> None:
+        raise RuntimeError("nope")
+
+    router = Router()
+    router.on(f"{u}/x/{{id}}", explode, qos=1)
+    await serve(broker, router, DEAD_LETTER_TOPIC=f"{u}/dlq/{{topic}}/failed")
+    probe = await probe_factory(broker)
+    await probe.subscribe(f"{u}/dlq/#")
+    await probe.publish(f"{u}/x/1", "a")
+    (letter,) = await probe.wait_count(f"{u}/dlq/", 1)
+    assert letter.topic == f"{u}/dlq/{u}/x/1/failed"
+
+
+# -- acknowledgements ----------------------------------------------------------------------------------
+
+
+async def test_puback_only_after_handler_and_in_arrival_order(
+        broker: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
+    """Seen at the wire through a proxy: no PUBACK before its handler finished, PUBACKs in arrival order."""
+    u = unique_id
+    proxy = await MqttProxy(broker.host, broker.port).start()
+    gates = {str(i): asyncio.Event() for i in range(4)}
+    started: list[str] = []
+    finished: dict[str, int] = {}
+
+    async def work(n: str) -> None:
+        started.append(n)
+        await gates[n].wait()
+        finished[n] = next_seq()
+        if n == "2":
+            raise RuntimeError("dead-lettered messages are acknowledged too")
+
+    router = Router()
+    router.on(f"{u}/ack/{{n}}", work, qos=1)
+    try:
+        runtime = await serve(broker, router, port=proxy.port)
+        probe = await probe_factory(broker)
+        for n in "0123":
+            await probe.publish(f"{u}/ack/{n}", n)
+        await wait_until(lambda: len(started) == 4, "4 handlers running")
+        delivered = proxy.publishes_in(f"{u}/ack/")
+        assert [p.topic for p in delivered] == [f"{u}/ack/{n}" for n in "0123"]
+        packet_id = {p.topic.rsplit("/", 1)[1]: p.packet_id for p in delivered}  # type: ignore[union-attr]
+
+        async def wire_barrier() -> None:
+            # A QoS 1 publish of the runtime's own client goes out after every command queued
+            # before it, so any PUBACK already queued has crossed the proxy once this returns.
+            await runtime.client.publish(f"{u}/barrier", "b", qos=1)
+
+        gates["3"].set()
+        gates["1"].set()
+        await wait_until(lambda: {"1", "3"} <= set(finished), "handlers 1 and 3 to finish")
+        await wire_barrier()
+        assert proxy.pubacks_out() == []  # 0 is still running: nothing may be acknowledged yet
+
+        gates["0"].set()
+        await wait_until(lambda: len(proxy.pubacks_out()) >= 2, "PUBACKs of 0 and 1")
+        await wire_barrier()
+        assert [p.packet_id for p in proxy.pubacks_out()] == [packet_id["0"], packet_id["1"]]
+
+        gates["2"].set()
+        await wait_until(lambda: len(proxy.pubacks_out()) >= 4, "PUBACKs of 2 and 3")
+        acks = proxy.pubacks_out()
+        assert [p.packet_id for p in acks] == [packet_id[n] for n in "0123"]
+        for n, ack in zip("0123", acks):
+            assert ack.seq > finished[n], f"PUBACK of message {n} before its handler finished"
+        # The dead letter of message 2 was published before message 2 was acknowledged.
+        (letter,) = proxy.publishes_out(f"dead-letter/{u}/ack/2")
+        assert letter.seq < acks[2].seq
+    finally:
+        await proxy.stop()
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+async def test_max_inflight_bounds_concurrent_handlers(broker: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn,
+                                                       unique_id: str, qos: int) -> None:
+    u = unique_id
+    limit, total = 3, 12
+    running: set[str] = set()
+    peak = [0]
+    done: list[str] = []
+    release = asyncio.Event()
+
+    async def work(n: str) -> None:
+        running.add(n)
+        peak[0] = max(peak[0], len(running))
+        await release.wait()
+        running.discard(n)
+        done.append(n)
+
+    router = Router()
+    router.on(f"{u}/load/{{n}}", work, qos=qos)
+    runtime = await serve(broker, router, MAX_INFLIGHT=str(limit))
+    watcher = await probe_factory(broker)
+    await watcher.subscribe(f"{u}/load/#", qos=0)
+    probe = await probe_factory(broker)
+    for n in range(total):
+        await probe.publish(f"{u}/load/{n}", str(n), qos=qos)
+    await wait_until(lambda: len(running) == limit, f"{limit} handlers running")
+    # Everything has been sent by the broker (another subscriber has it all); give the runtime
+    # a moment in which a missing limit would start more handlers.
+    await watcher.wait_count(f"{u}/load/", total)
+    await asyncio.sleep(0.3)
+    assert len(running) == limit
+    assert runtime.dispatcher.inflight <= limit
+
+    release.set()
+    await wait_until(lambda: len(done) == total, f"all {total} messages handled")
+    assert peak[0] == limit
+    assert sorted(done, key=int) == [str(n) for n in range(total)]
+
+
+# -- overlapping routes -----------------------------------------------------------------------------------
+
+
+async def overlapping_routes_run_once_each(target: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn,
+                                           u: str) -> None:
+    counts: dict[str, list[str]] = {"plus": [], "hash": [], "shared": [], "exact": []}
+
+    def recorder(name: str) -> Any:
+        async def handler(topic: str, payload: Any) -> None:
+            counts[name].append(payload)
+        return handler
+
+    router = Router()
+    router.on(f"{u}/ov/+", recorder("plus"), qos=1)
+    router.on(f"{u}/ov/#", recorder("hash"), qos=1)
+    router.on(f"{u}/ov/+", recorder("shared"), qos=1, shared=True)
+    router.on(f"{u}/ov/x", recorder("exact"), qos=1)
+    await serve(target, router)
+    probe = await probe_factory(target)
+    for i in range(5):
+        await probe.publish(f"{u}/ov/x", f"m{i}")
+    await probe.publish(f"{u}/ov/y", "y")
+    expected = {"plus": 6, "hash": 6, "shared": 6, "exact": 5}
+    await wait_until(lambda: all(len(counts[k]) >= v for k, v in expected.items()),
+                     f"every route to see its messages (have { {k: len(v) for k, v in counts.items()} })")
+    await settle(probe, f"{u}/ov/z/deeper", "marker", lambda: "marker" in counts["hash"])
+    assert {k: sorted(v) for k, v in counts.items()} == {
+        "plus": sorted([f"m{i}" for i in range(5)] + ["y"]),
+        "hash": sorted([f"m{i}" for i in range(5)] + ["y", "marker"]),
+        "shared": sorted([f"m{i}" for i in range(5)] + ["y"]),
+        "exact": [f"m{i}" for i in range(5)],
+    }
+
+
+@pytest.mark.parametrize("duplicates", ["default", "allow_duplicate_messages false"])
+async def test_overlapping_filters_each_route_once_on_mosquitto(
+        mosquitto: Any, mosquitto_factory: Any, serve: ServeFn, probe_factory: ProbeFn, unique_id: str,
+        duplicates: str) -> None:
+    """Plain+plain and plain+shared on one filter: MQTT 5 subscription ids pick the routes."""
+    server = mosquitto if duplicates == "default" else mosquitto_factory(extra_conf=duplicates)
+    target = BrokerTarget("mosquitto", server.host, server.port, v5=True)
+    await overlapping_routes_run_once_each(target, serve, probe_factory, unique_id)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "MQTT 3.1.1 has no subscription identifiers: amqtt delivers one copy per matching subscription and "
+    "the dispatcher runs every matching route for each copy (4 subscriptions -> each route runs 4 times)"))
+async def test_overlapping_filters_each_route_once_on_embedded_broker(
+        serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
+    from core.embedded_broker import EmbeddedBroker
+
+    async with EmbeddedBroker("127.0.0.1", 0) as embedded:
+        target = BrokerTarget("embedded", embedded.host, embedded.port, v5=False)
+        await overlapping_routes_run_once_each(target, serve, probe_factory, unique_id)
