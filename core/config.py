@@ -135,6 +135,10 @@ class Settings:
     # Logging.
     log_level: str = "INFO"
     log_format: str = "text"
+    # Operations (core/http.py): /health, /ready, /metrics and the status page. Off when HTTP_PORT is unset.
+    http_port: int | None = None
+    http_host: str = "127.0.0.1"
+    http_check_timeout: float = 2.0
 
     @property
     def uses_embedded_broker(self) -> bool:
@@ -230,6 +234,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         test_mode_idle=_get(env, "TEST_MODE_IDLE", d.test_mode_idle, pos_float),
         log_level=log_level,
         log_format=_get(env, "LOG_FORMAT", d.log_format, lambda n, r: parse_choice(n, r, ("text", "json"))),
+        http_port=_get(env, "HTTP_PORT", d.http_port, lambda n, r: parse_int(n, r, minimum=0, maximum=65535)),
+        http_host=_get(env, "HTTP_HOST", d.http_host, text),
+        http_check_timeout=_get(env, "HTTP_CHECK_TIMEOUT", d.http_check_timeout, pos_float),
     )
     if settings.mqtt_reconnect_max < settings.mqtt_reconnect_min:
         raise ConfigError(
