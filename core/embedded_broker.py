@@ -84,6 +84,34 @@ class _OpenAuthPlugin(BaseAuthPlugin):
         return True
 
 
+class _YieldAtEndReader(ReaderAdapter):
+    """Yields to the loop once before reporting end of stream.
+
+    amqtt's reader loop handles each packet in a new task and cancels the
+    unstarted ones when the stream ends, so PUBLISH, PUBACK and DISCONNECT
+    packets that arrived together with the EOF were never handled (lost
+    messages, spurious redeliveries, a will sent after a clean DISCONNECT).
+    """
+
+    def __init__(self, inner: ReaderAdapter) -> None:
+        self._inner = inner
+
+    async def read(self, n: int = -1) -> bytes:
+        try:
+            data = await self._inner.read(n)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            await asyncio.sleep(0)
+            raise
+        if not data:
+            await asyncio.sleep(0)
+        return data
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
+
+
 class _ResumableHandler(BrokerProtocolHandler):
     """Keeps an outgoing QoS 1 message in flight until its PUBACK arrives.
 
@@ -96,6 +124,18 @@ class _ResumableHandler(BrokerProtocolHandler):
         super().__init__(plugins_manager)
         self._closed = False
         self._background: set[asyncio.Task[Any]] = set()
+
+    def attach(self, session: Session, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        super().attach(session, _YieldAtEndReader(reader), writer)
+
+    async def handle_connection_closed(self) -> None:
+        # amqtt calls this on the first failed write too, which dropped the
+        # PUBACKs and DISCONNECT still unread in the socket. The reader calls
+        # it as well once it reaches the end, so let the reader decide.
+        reader = self._reader_task
+        if reader is not None and not reader.done() and reader is not asyncio.current_task():
+            return
+        await super().handle_connection_closed()
 
     def _stop_waiters(self) -> None:
         self._closed = True
@@ -181,6 +221,7 @@ class _SharedSubscriptionBroker(Broker):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         self._share_cursor: dict[str, int] = {}
+        self._share_filters: dict[str, str] = {}
         self._deliveries: set[asyncio.Task[Any]] = set()
 
     # --- connections -------------------------------------------------------
@@ -201,6 +242,17 @@ class _SharedSubscriptionBroker(Broker):
             await self._stop_handler(handler)
             return
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        await super()._client_message_loop(client_session, handler)
+        # amqtt stops at the disconnect and leaves publishes it has already
+        # acknowledged in the queue (lost for a clean session): route them now.
+        queue = client_session.delivered_message_queue
+        loop = asyncio.get_running_loop()
+        while not queue.empty():
+            delivered: asyncio.Future[Any] = loop.create_future()
+            delivered.set_result(queue.get_nowait())
+            await self._handle_message_delivery(client_session, handler, delivered)
 
     # --- subscriptions -----------------------------------------------------
 
@@ -227,7 +279,9 @@ class _SharedSubscriptionBroker(Broker):
         finally:
             _subscribing.reset(token)
 
-    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session: Session) -> None:
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
         # amqtt also calls this on every reconnect for every filter of every
         # client; MQTT sends retained messages only for a new subscription,
         # and never to a shared one.
@@ -257,18 +311,33 @@ class _SharedSubscriptionBroker(Broker):
     async def _run_broadcast(self, running_tasks: deque[asyncio.Task[OutgoingApplicationMessage]]) -> None:
         broadcast = await self._broadcast_queue.get()
         topic = broadcast["topic"]
+        # One copy per client for its plain subscriptions, at their highest
+        # QoS (MQTT 3.1.1 section 3.3.5; Mosquitto does the same); amqtt sent
+        # one per matching filter. Each (group, filter) pair is a subscription
+        # of its own and adds one copy for the member it picks.
+        plain: dict[str | None, tuple[Session, int]] = {}
         for key, subscriptions in list(self._subscriptions.items()):
             if not subscriptions:
                 continue
-            shared = parse_shared_filter(key) if key.startswith(SHARE_PREFIX) else None
-            if shared is None:
+            if not key.startswith(SHARE_PREFIX):
                 if self._matches(topic, key):
-                    for target, sub_qos in list(subscriptions):
-                        await self._deliver(broadcast, target, sub_qos)
-            elif self._matches(topic, shared[1]):
+                    for target, sub_qos in subscriptions:
+                        known = plain.get(target.client_id)
+                        if known is None or sub_qos > known[1]:
+                            plain[target.client_id] = (target, sub_qos)
+            elif self._matches(topic, self._shared_filter(key)):
                 picked = self._pick_member(key, subscriptions, broadcast)
                 if picked is not None:
                     await self._deliver(broadcast, *picked)
+        for target, sub_qos in plain.values():
+            await self._deliver(broadcast, target, sub_qos)
+
+    def _shared_filter(self, key: str) -> str:
+        inner = self._share_filters.get(key)
+        if inner is None:
+            parsed = parse_shared_filter(key)
+            inner = self._share_filters[key] = parsed[1] if parsed else key
+        return inner
 
     def _pick_member(
         self, key: str, members: list[tuple[Session, int]], broadcast: dict[str, Any]
@@ -432,6 +501,16 @@ class EmbeddedBroker:
         broker, self._broker = self._broker, None
         if broker is not None:
             await broker.shutdown()
+
+    def connected_client_ids(self) -> set[str]:
+        """Ids of the clients connected right now (for status pages and tests)."""
+        if self._broker is None:
+            return set()
+        return {
+            client_id
+            for client_id, (session, _) in self._broker.sessions.items()
+            if session.transitions.state == "connected"
+        }
 
     async def __aenter__(self) -> EmbeddedBroker:
         await self.start()
