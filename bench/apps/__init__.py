@@ -1,0 +1,1 @@
+"""Small apps the benchmarks run with `python main.py` (selected with ROUTERS_PACKAGE)."""
