@@ -32,6 +32,9 @@ class ProcessStats:
     responses: int = 0
     routes: dict[str, RouteStats] = field(default_factory=dict)
     observers: list[Observer] = field(default_factory=list)
+    # name -> callable returning plain (picklable) data, added to snapshot() under `name`; how
+    # plug-ins (latency histograms, connection state, backlogs) reach the supervisor with the counters.
+    extensions: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
     def route(self, pattern: str) -> RouteStats:
         stats = self.routes.get(pattern)
@@ -40,7 +43,7 @@ class ProcessStats:
         return stats
 
     def snapshot(self) -> dict[str, Any]:
-        return {
+        out = {
             "received": self.received,
             "handled": self.handled,
             "failed": self.failed,
@@ -54,3 +57,6 @@ class ProcessStats:
                 for pattern, r in self.routes.items()
             },
         }
+        for name, extension in self.extensions.items():
+            out[name] = extension()
+        return out
