@@ -1,7 +1,8 @@
 """How a handler's arguments are chosen: by name, decided once at startup.
 
 A handler may take any of the route's parameters by name, and any of the reserved names
-`payload`, `topic`, `client`, `context`. A `**kwargs` parameter receives all route parameters.
+`payload`, `topic`, `client`, `context`. A `payload` annotated with a pydantic model or a
+dataclass is validated first (`core.validation`). A `**kwargs` parameter receives all route parameters.
 Arguments it cannot be given (an unknown name without a default) are a startup error.
 """
 
@@ -63,7 +64,12 @@ class HandlerSpec:
             if arg.kind is inspect.Parameter.POSITIONAL_ONLY:
                 raise TypeError(f"{where}: handler {self.name} has a positional-only argument {arg.name!r}; arguments are passed by name")
             if arg.name in RESERVED_ARGUMENTS:
-                reserved.append((arg.name, _RESERVED_GETTERS[arg.name]))
+                getter = _RESERVED_GETTERS[arg.name]
+                if arg.name == "payload" and arg.annotation is not inspect.Parameter.empty:
+                    from core.validation import payload_getter  # late: core.validation imports the dispatcher
+
+                    getter = payload_getter(fn, arg, where) or getter
+                reserved.append((arg.name, getter))
             elif arg.name in route_params:
                 params.append(arg.name)
             elif arg.default is inspect.Parameter.empty:
