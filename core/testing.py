@@ -1,0 +1,503 @@
+"""`TestClient`: run an app's routes in-process, without a broker, to unit-test controllers.
+
+```python
+from core.testing import TestClient
+
+async def test_status_answers():
+    async with TestClient(router) as client:
+        result = await client.publish("devices/42/status", {"state": "on"}, response_topic="replies/1")
+        assert result.responses[0].json() == {"device_id": "42", "received": True}
+```
+
+A message published here goes through the framework's own `Dispatcher` (decode, middleware,
+handler, timeouts, response, dead letter, ack), the same code the runtime runs. What stands in for
+the broker follows MQTT semantics:
+
+- every route is one subscription; a topic is matched against each filter the way a broker does
+  (`+`, `#`, `a/#` matching `a`, wildcards not matching `$`-topics at the first level);
+- a shared route (`shared=True`) is its own `(group, filter)` subscription: a message matching a
+  plain and a shared route on the same filter runs both, and overlapping shared filters each run;
+- MQTT 5 (default): one copy per matching subscription, with that route's subscription
+  identifier and QoS `min(published, route)`, as Mosquitto delivers; `protocol="3.1.1"`: one copy
+  per message at the highest matching QoS, as the embedded broker delivers;
+- what handlers publish (responses, dead letters, `context.publish`) is recorded and, like a real
+  broker, delivered to the routes it matches (`loopback=False` turns that off).
+
+`publish()` returns once every handler the message (and what it caused) started has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from paho.mqtt.client import topic_matches_sub
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from core.config import Settings, load_settings
+from core.context import MessageContext, Services
+from core.dispatcher import Dispatcher
+from core.middleware import CallNext
+from core.payload import encode_payload
+from core.router import Route, Router, RouteTable
+from core.stats import ProcessStats
+
+if TYPE_CHECKING:
+    from bootstrap.app import Application
+
+__all__ = ["TestClient", "PublishResult", "PublishedMessage", "DeadLetterRecord", "HandlerCall", "TestClientError"]
+
+
+class TestClientError(AssertionError):
+    """The test client could not finish a publish (a handler hung, or messages loop forever)."""
+
+    __test__ = False
+
+
+@dataclass(frozen=True)
+class PublishedMessage:
+    """A message published by the app (a handler, a response or a dead letter)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    properties: Mapping[str, Any] = field(default_factory=dict)
+
+    def text(self) -> str:
+        return self.payload.decode("utf-8")
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+    @property
+    def user_properties(self) -> dict[str, str]:
+        items = self.properties.get("user_properties") or ()
+        return dict(items.items() if isinstance(items, Mapping) else items)
+
+    @property
+    def correlation_data(self) -> bytes | None:
+        value = self.properties.get("correlation_data")
+        return value if value is None or isinstance(value, bytes) else str(value).encode()
+
+
+@dataclass(frozen=True)
+class DeadLetterRecord:
+    """A message the dispatcher sent to the dead-letter topic, with why."""
+
+    topic: str  # the dead-letter topic it went to
+    original_topic: str
+    route: str  # the route pattern ("" when no route matched)
+    error_type: str  # e.g. "PayloadError", "Timeout", "PayloadValidationError", or the exception's class name
+    error: str
+    payload: bytes  # the original payload
+
+
+@dataclass(frozen=True)
+class HandlerCall:
+    """One run of a route's chain (middleware + handler) for one delivered copy."""
+
+    route: str
+    topic: str
+    params: dict[str, str]
+    payload: Any  # as the chain received it (decoded)
+    result: Any = None
+    error: BaseException | None = None  # asyncio.CancelledError when the route's timeout cancelled it
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class PublishResult:
+    """What happened while one `publish()` was handled (including what the handlers caused)."""
+
+    topic: str
+    delivered_to: list[str]  # route patterns the published message itself was delivered to
+    calls: list[HandlerCall]
+    published: list[PublishedMessage]
+    dead_letters: list[DeadLetterRecord]
+    response_topic: str | None = None
+
+    @property
+    def responses(self) -> list[PublishedMessage]:
+        """Messages published to the response topic given to `publish()`."""
+        if self.response_topic is None:
+            return []
+        return [m for m in self.published if m.topic == self.response_topic]
+
+    @property
+    def result(self) -> Any:
+        """The return value of the handler, when exactly one route handled the published message."""
+        own = [c for c in self.calls if c.topic == self.topic]
+        if len(own) != 1:
+            raise TestClientError(f"{len(own)} handler calls on {self.topic!r}; look at .calls instead")
+        if own[0].error is not None:
+            raise TestClientError(f"the handler of {own[0].route!r} failed: {own[0].error!r}")
+        return own[0].result
+
+
+class _Delivery:
+    """A delivered copy, shaped like the paho message the dispatcher reads."""
+
+    __slots__ = ("topic", "payload", "qos", "retain", "dup", "mid", "properties")
+
+    def __init__(self, topic: str, payload: bytes, qos: int, mid: int, properties: Properties | None) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = False  # live deliveries carry retain=0 (no Retain As Published)
+        self.dup = False
+        self.mid = mid
+        self.properties = properties
+
+
+def check_topic_name(topic: str) -> None:
+    """A topic you may publish to: non-empty, no wildcards, no NUL, at most 65535 bytes."""
+    if not isinstance(topic, str) or topic == "":
+        raise ValueError("the topic must be a non-empty string")
+    if "+" in topic or "#" in topic:
+        raise ValueError(f"topic {topic!r}: wildcards are for subscriptions, not for publishing")
+    if "\x00" in topic:
+        raise ValueError(f"topic {topic!r} contains a NUL character")
+    if len(topic.encode("utf-8")) > 65535:
+        raise ValueError("the topic is longer than 65535 bytes")
+
+
+_FORWARDED = ("ResponseTopic", "CorrelationData", "UserProperty", "ContentType", "PayloadFormatIndicator",
+              "MessageExpiryInterval")
+
+
+def _to_properties(properties: Mapping[str, Any] | None) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    for key, value in (properties or {}).items():
+        if value is None:
+            continue
+        if key == "user_properties":
+            props.UserProperty = [(str(k), str(v)) for k, v in (value.items() if isinstance(value, Mapping) else value)]
+        elif key == "correlation_data":
+            props.CorrelationData = value if isinstance(value, bytes) else str(value).encode()
+        elif key == "response_topic":
+            props.ResponseTopic = value
+        elif key == "content_type":
+            props.ContentType = value
+        elif key == "message_expiry":
+            props.MessageExpiryInterval = int(value)
+        else:
+            raise ValueError(f"unknown publish property {key!r}")
+    return props
+
+
+def _copy_properties(source: Properties, subscription_id: int) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    for name in _FORWARDED:
+        value = getattr(source, name, None)
+        if value not in (None, []):
+            setattr(props, name, value)
+    props.SubscriptionIdentifier = [subscription_id]
+    return props
+
+
+class _Recorder:
+    """Outermost middleware of every route under test: records each chain run and its outcome."""
+
+    def __init__(self, client: "TestClient") -> None:
+        self._client = client
+
+    async def handle(self, context: MessageContext, call_next: CallNext) -> Any:
+        payload = context.payload
+        try:
+            result = await call_next(context)
+        except BaseException as exc:
+            self._client._calls.append(HandlerCall(context.route.pattern, context.topic, dict(context.params), payload,
+                                                   None, exc))
+            raise
+        self._client._calls.append(HandlerCall(context.route.pattern, context.topic, dict(context.params), payload,
+                                               result))
+        return result
+
+
+class _MemoryPublisher:
+    """Stands in for `MqttClient` as the handlers' publisher: records, then delivers like a broker."""
+
+    def __init__(self, client: "TestClient") -> None:
+        self._client = client
+
+    async def publish(self, topic: str, payload: Any = None, qos: int = 0, retain: bool = False, *,
+                      properties: dict[str, Any] | None = None) -> None:
+        self._client._publish_from_app(topic, encode_payload(payload), qos, retain, dict(properties or {}))
+
+    def publish_sync(self, topic: str, payload: Any = None, qos: int = 0, retain: bool = False, *,
+                     properties: dict[str, Any] | None = None, timeout: float | None = 30.0) -> None:
+        loop = self._client._loop
+        assert loop is not None
+        if threading.get_ident() == self._client._loop_thread:
+            raise RuntimeError("publish_sync() would block the event loop; use `await client.publish(...)` here")
+        coro = self.publish(topic, payload, qos, retain, properties=properties)
+        asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+
+class TestClient:
+    """Runs routes in-process. Use `async with TestClient(app) as client` (or plain `with`).
+
+    `app` is an `Application`, a `Router`, a list of routes, or a package name such as
+    `"app.routers"` (every module defining `router` is loaded, as at startup).
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(
+        self,
+        app: "Application | Router | Iterable[Route] | str",
+        *,
+        settings: Settings | None = None,
+        env: Mapping[str, str] | None = None,
+        protocol: str = "5",
+        loopback: bool = True,
+        timeout: float = 10.0,
+        max_deliveries: int = 10_000,
+        worker_id: str = "test",
+    ) -> None:
+        routes, app_settings = _routes_and_settings(app)
+        if settings is None:
+            settings = load_settings(env) if env is not None else (app_settings or Settings())
+        if protocol not in ("5", "3.1.1"):
+            raise ValueError("protocol must be '5' or '3.1.1'")
+        # mqtt_v5 is false for the embedded broker; name a broker so protocol="5" means MQTT 5 here.
+        self.settings = settings.with_overrides(mqtt_protocol=protocol, mqtt_broker=settings.mqtt_broker or "test-client")
+        self.v5 = protocol == "5"
+        self.loopback = loopback
+        self.timeout = timeout
+        self.max_deliveries = max_deliveries
+        recorder = _Recorder(self)
+        self.routes: list[Route] = [dataclasses.replace(r, middleware=(recorder, *r.middleware)) for r in routes]
+        self.table = RouteTable(self.routes)
+        self.stats = ProcessStats()
+        self.services = Services(_MemoryPublisher(self), worker_id)
+        self.published: list[PublishedMessage] = []
+        self.dead_letters: list[DeadLetterRecord] = []
+        self.acks: list[tuple[int, int]] = []  # (packet id, qos) in the order the dispatcher acknowledged
+        self._calls: list[HandlerCall] = []
+        self._mids = itertools.cycle(range(1, 65536))
+        self._dispatcher: Dispatcher | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._submitted = 0
+        self._deliveries = 0
+        self._overflow = False
+        self._progress: asyncio.Event | None = None
+        self._runner: asyncio.Runner | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> "TestClient":
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._progress = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=self.settings.sync_handler_threads, thread_name_prefix="test-handler")
+        self._dispatcher = Dispatcher(
+            self.table, self.settings, self.services, self.stats, self._ack, self._executor,
+            use_subscription_ids=lambda: self.v5, on_complete=self._progress.set,
+        )
+        return self
+
+    async def stop(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.stop_accepting()
+            await self._dispatcher.drain(self.timeout)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> "TestClient":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def __enter__(self) -> "TestClient":
+        self._runner = asyncio.Runner()
+        self._runner.run(self.start())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        try:
+            self._runner.run(self.stop())
+        finally:
+            self._runner.close()
+            self._runner = None
+
+    # -- publishing -------------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Any = None,
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        response_topic: str | None = None,
+        correlation_data: bytes | str | None = None,
+        user_properties: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+    ) -> PublishResult:
+        """Publish as an outside client would and wait until everything it caused has finished."""
+        if self._dispatcher is None:
+            raise RuntimeError("start the client first: `async with TestClient(...) as client`")
+        check_topic_name(topic)
+        if qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, not {qos!r}")
+        if response_topic is not None:
+            check_topic_name(response_topic)
+        marks = (len(self._calls), len(self.published), len(self.dead_letters))
+        self._deliveries = 0
+        self._overflow = False
+        properties = {"response_topic": response_topic, "correlation_data": correlation_data,
+                      "user_properties": user_properties}
+        delivered_to = self._deliver(topic, encode_payload(payload), qos, _to_properties(properties))
+        await self._wait_idle(topic)
+        if self._overflow:
+            raise TestClientError(
+                f"more than {self.max_deliveries} deliveries caused by one publish to {topic!r}: do handlers "
+                "publish to topics that lead back to themselves? (or raise max_deliveries)"
+            )
+        return PublishResult(
+            topic=topic, delivered_to=delivered_to, calls=self._calls[marks[0]:],
+            published=self.published[marks[1]:], dead_letters=self.dead_letters[marks[2]:],
+            response_topic=response_topic,
+        )
+
+    def publish_sync(self, topic: str, payload: Any = None, qos: int = 0, retain: bool = False,
+                     **kwargs: Any) -> PublishResult:
+        """`publish` for plain (non-async) tests, inside `with TestClient(...) as client:`."""
+        if self._runner is None:
+            raise RuntimeError("publish_sync() needs `with TestClient(...) as client:`; in async tests use `await client.publish(...)`")
+        return self._runner.run(self.publish(topic, payload, qos, retain, **kwargs))
+
+    def clear(self) -> None:
+        """Forget what was recorded so far."""
+        self.published.clear()
+        self.dead_letters.clear()
+        self.acks.clear()
+        self._calls.clear()
+
+    @property
+    def calls(self) -> list[HandlerCall]:
+        return list(self._calls)
+
+    # -- the broker stand-in ----------------------------------------------------------------------
+
+    def _deliver(self, topic: str, payload: bytes, qos: int, properties: Properties) -> list[str]:
+        """Send copies to the matching subscriptions; returns the patterns delivered to."""
+        assert self._dispatcher is not None
+        matching = [(index, route) for index, route in enumerate(self.routes) if topic_matches_sub(route.filter, topic)]
+        if not matching:
+            return []
+        if self._deliveries + len(matching) > self.max_deliveries:
+            self._overflow = True
+            return []
+        self._deliveries += len(matching)
+        if self.v5:
+            for index, route in matching:
+                copy_qos = min(qos, route.qos)
+                self._submit(_Delivery(topic, payload, copy_qos, self._next_mid(copy_qos),
+                                       _copy_properties(properties, index + 1)))
+        else:
+            copy_qos = min(qos, max(route.qos for _, route in matching))
+            self._submit(_Delivery(topic, payload, copy_qos, self._next_mid(copy_qos), None))
+        return [route.pattern for _, route in matching]
+
+    def _submit(self, delivery: _Delivery) -> None:
+        assert self._dispatcher is not None
+        self._submitted += 1
+        self._dispatcher.submit(delivery, 0)
+
+    def _next_mid(self, qos: int) -> int:
+        return next(self._mids) if qos else 0
+
+    def _ack(self, mid: int, qos: int, generation: int) -> None:
+        self.acks.append((mid, qos))
+
+    def _publish_from_app(self, topic: str, payload: bytes, qos: int, retain: bool, properties: dict[str, Any]) -> None:
+        check_topic_name(topic)
+        message = PublishedMessage(topic, payload, qos, retain, properties)
+        self.published.append(message)
+        record = self._as_dead_letter(message)
+        if record is not None:
+            self.dead_letters.append(record)
+        if self.loopback:
+            self._deliver(topic, payload, qos, _to_properties(
+                {k: v for k, v in properties.items() if k in ("response_topic", "correlation_data", "user_properties")}))
+
+    def _as_dead_letter(self, message: PublishedMessage) -> DeadLetterRecord | None:
+        template = self.settings.dead_letter_topic
+        head, marker, tail = template.partition("{topic}")
+        if not marker:
+            if message.topic != template:
+                return None
+        elif not (message.topic.startswith(head) and message.topic.endswith(tail)):
+            return None
+        if self.settings.mqtt_v5:
+            props = message.user_properties
+            if "error_type" not in props:
+                return None
+            return DeadLetterRecord(message.topic, props.get("original_topic", ""), props.get("route", ""),
+                                    props["error_type"], props.get("error", ""), message.payload)
+        try:
+            body = message.json()
+            original = body["payload"].encode() if body["payload_encoding"] == "utf-8" else _b64(body["payload"])
+            return DeadLetterRecord(message.topic, body["original_topic"], body["route"], body["error_type"],
+                                    body["error"], original)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    async def _wait_idle(self, topic: str) -> None:
+        assert self._dispatcher is not None and self._progress is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while self._dispatcher.completed < self._submitted:
+            self._progress.clear()
+            if self._dispatcher.completed >= self._submitted:
+                break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TestClientError(
+                    f"handlers still running {self.timeout} s after publishing to {topic!r} "
+                    f"({self._dispatcher.inflight} in flight); raise TestClient(timeout=...) or look for a hang"
+                )
+            try:
+                await asyncio.wait_for(self._progress.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+
+def _b64(text: str) -> bytes:
+    import base64
+
+    return base64.b64decode(text)
+
+
+def _routes_and_settings(app: Any) -> tuple[list[Route], Settings | None]:
+    if isinstance(app, str):
+        from bootstrap.app import discover_routers
+        from core.router import merge_routers
+
+        return list(merge_routers(discover_routers(app)).routes), None
+    if isinstance(app, Router):
+        return list(app.routes), None
+    router = getattr(app, "router", None)
+    if isinstance(router, Router):
+        return list(router.routes), getattr(app, "settings", None)
+    routes = list(app)
+    for item in routes:
+        if not isinstance(item, Route):
+            raise TypeError(f"TestClient takes an Application, a Router, routes or a package name, not {item!r}")
+    return routes, None

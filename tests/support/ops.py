@@ -1,0 +1,153 @@
+"""Helpers for the operations tests (issue 5): waiting, a publisher, `python main.py` as a child, HTTP GET.
+
+Self-contained on purpose (paho, urllib, subprocess), so these tests do not depend on the other
+suites' support code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import paho.mqtt.client as paho
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_TIMEOUT = 30.0
+
+
+async def wait_until(condition: Callable[[], object], what: str, timeout: float = DEFAULT_TIMEOUT,
+                     interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def wait_until_sync(condition: Callable[[], object], what: str, timeout: float = DEFAULT_TIMEOUT,
+                    interval: float = 0.05) -> Any:
+    """Poll `condition()` until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Publisher:
+    """A blocking MQTT 5 publisher (paho's network loop in its own thread)."""
+
+    def __init__(self, host: str, port: int, client_id: str, *, v5: bool = True) -> None:
+        protocol = paho.MQTTv5 if v5 else paho.MQTTv311
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+        self.client.max_inflight_messages_set(200)
+        self.messages: list[paho.MQTTMessage] = []
+        self.client.on_message = lambda _c, _u, m: self.messages.append(m)
+        self.client.connect(host, port)
+        self.client.loop_start()
+        wait_until_sync(self.client.is_connected, "the publisher to connect", 10)
+
+    def publish(self, topic: str, payload: Any, qos: int = 1) -> None:
+        data = payload if isinstance(payload, bytes) else (payload if isinstance(payload, str) else json.dumps(payload))
+        info = self.client.publish(topic, data, qos)
+        info.wait_for_publish(10)
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        done = threading.Event()
+        self.client.on_subscribe = lambda *_a: done.set()
+        self.client.subscribe(topic, qos)
+        assert done.wait(10), f"no SUBACK for {topic}"
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    """(status, body); (0, error text) when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+        return 0, str(exc)
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Prometheus text -> {(name, labels): value} using prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def metric(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    """The value of one sample; 0 if absent."""
+    return metrics.get((name, frozenset(labels.items())), 0.0)
+
+
+def metric_sum(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    """The sum over every sample of `name` whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, l), v in metrics.items() if n == name and want <= set(l))
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """A clean environment for `python main.py` (no MQTT_* from the caller; .env not read)."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    env.update(extra)
+    return env
+
+
+class App:
+    """`python main.py [args]` as a child process; output in a file; signalled by PID only."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.log_file = tempfile.NamedTemporaryFile(prefix="ops-app-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            [sys.executable, "main.py", *args, "--env-file", "/nonexistent/.env"], cwd=ROOT, env=env,
+            stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+
+    @property
+    def output(self) -> str:
+        return Path(self.log_file.name).read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def cleanup(self) -> None:
+        self.stop()
+        self.log_file.close()
+        os.unlink(self.log_file.name)
