@@ -143,6 +143,7 @@ class MqttClient:
         client.on_unsubscribe = self._handle_unsubscribe
         client.on_publish = self._handle_publish
         client.on_message = self._handle_message
+        client.on_socket_close = self._handle_socket_close
         client.suppress_exceptions = True
         return client
 
@@ -420,6 +421,10 @@ class MqttClient:
         if fut is not None:
             self._settle(fut, None)
 
+    def _handle_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self._closing:
+            _close_gracefully(sock, 2.0)
+
     def _handle_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
         was_connected = self.state.connected
         if self._closing:
@@ -566,6 +571,24 @@ class MqttClient:
             else:
                 setattr(props, key, value)
         return props
+
+
+def _close_gracefully(sock: Any, timeout: float) -> None:
+    """After our DISCONNECT: half-close, then read (and drop) until the broker closes its side.
+
+    Closing a socket that still has unread data (messages the broker kept sending) makes the
+    kernel reset the connection, and the broker then discards what it had not read yet: the last
+    PUBACKs and the DISCONNECT. Those messages would be delivered again to the next session.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([sock], [], [], left)
+            if readable and not sock.recv(65536):
+                return
+    except (OSError, ValueError):
+        pass
 
 
 def _settle_future(fut: asyncio.Future[None], error: BaseException | None) -> None:
