@@ -1,0 +1,268 @@
+"""A worker process: builds the app itself, serves its shared routes, reports to the supervisor.
+
+`worker_main` is the target the supervisor spawns (multiprocessing, spawn start method). Only
+plain data crosses the process boundary: a `WorkerSpec` and one end of a Pipe. Everything else
+(settings, app, MQTT client, hooks such as database engines or metrics) is built here, after the
+process has started.
+
+Messages to the supervisor are dicts with a "type": `hello`, `ready`, `hb` (heartbeat with
+stats), `recycling`, `stopping`, `bye`. Heartbeats are sent from the event loop, so a handler that
+blocks the loop stops them and the supervisor replaces the process. From the supervisor: `go`
+(a pre-started successor may connect now) and `stop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from core.router import Route
+    from core.runtime import Runtime
+
+log = logging.getLogger("core.worker")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_RECYCLE = 75
+"""A worker that recycled itself (WORKER_MAX_MESSAGES / WORKER_MAX_MEMORY_MB) exits with this."""
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the supervisor tells a worker process (plain, picklable data)."""
+
+    index: int
+    all_routes: bool  # True: every shared route; False: shared routes with worker_count > index
+    overrides: dict[str, Any] = field(default_factory=dict)  # settings that differ from the environment
+    test_mode: bool = False
+    wait_for_go: bool = False  # a recycling successor loads the app, then waits for "go" to connect
+
+    @property
+    def worker_id(self) -> str:
+        return f"w{self.index}"
+
+
+def client_id_for(base: str, index: int) -> str:
+    """The stable MQTT client id of worker `index`."""
+    return f"{base}-w{index}"
+
+
+def select_routes(shared_routes: Sequence["Route"], index: int, all_routes: bool) -> list["Route"]:
+    """The shared routes worker `index` subscribes to."""
+    if all_routes:
+        return list(shared_routes)
+    return [route for route in shared_routes if route.worker_count > index]
+
+
+def heartbeat_interval(timeout: float) -> float:
+    """How often a worker reports: several times per heartbeat timeout, at most once a second."""
+    return max(0.05, min(1.0, timeout / 5))
+
+
+def worker_main(spec: WorkerSpec, conn: Connection) -> None:
+    """Entry point of a worker process."""
+    early: list[int] = []
+    # Until the event loop has its own handlers, remember stop signals instead of dying mid-import.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: early.append(signum))
+    try:
+        code = asyncio.run(_serve(spec, conn, early))
+    except BaseException:  # noqa: BLE001 - the traceback must reach the log before the process dies
+        logging.getLogger("core.worker").exception("worker %s failed", spec.worker_id)
+        code = EXIT_FAILED
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: a handler thread stuck in user code must not keep the process alive.
+    os._exit(code)
+
+
+class _Link:
+    """The worker's end of the pipe, used from the event loop only."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.go = asyncio.Event()
+        self.lost = False
+        self.on_stop: Any = None
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.lost:
+            return
+        try:
+            self.conn.send(message)
+        except (OSError, ValueError):
+            self._gone()
+
+    def watch(self) -> None:
+        asyncio.get_running_loop().add_reader(self.conn.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            while self.conn.poll():
+                message = self.conn.recv()
+                kind = message.get("type") if isinstance(message, dict) else None
+                if kind == "go":
+                    self.go.set()
+                elif kind == "stop" and self.on_stop is not None:
+                    self.on_stop("asked by the supervisor")
+        except (EOFError, OSError):
+            self._gone()
+
+    def _gone(self) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        try:
+            asyncio.get_running_loop().remove_reader(self.conn.fileno())
+        except (OSError, ValueError, RuntimeError):
+            pass
+        if self.on_stop is not None:
+            self.on_stop("the supervisor is gone")
+
+    def close(self) -> None:
+        try:
+            asyncio.get_running_loop().remove_reader(self.conn.fileno())
+        except (OSError, ValueError, RuntimeError):
+            pass
+        self.conn.close()
+
+
+class _Stopper:
+    """Collects the first reason to stop; later ones are logged and ignored."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.reason = ""
+        self.recycle = False
+
+    def __call__(self, reason: str, *, recycle: bool = False) -> None:
+        if self.event.is_set():
+            log.info("%s; already stopping", reason)
+            return
+        self.reason = reason
+        self.recycle = recycle
+        self.event.set()
+
+
+async def _serve(spec: WorkerSpec, conn: Connection, early: list[int]) -> int:
+    link = _Link(conn)
+    stopper = _Stopper()
+    link.on_stop = stopper
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, lambda s=sig: stopper(f"{signal.Signals(s).name} received; stopping gracefully"))
+    for signum in early:
+        stopper(f"{signal.Signals(signum).name} received during startup; stopping")
+    link.send({"type": "hello", "pid": os.getpid()})
+    link.watch()
+
+    from core.config import load_settings
+    from core.logging_setup import setup_logging
+
+    settings = load_settings(os.environ).with_overrides(**spec.overrides)
+    setup_logging(settings.log_level, settings.log_format, spec.worker_id)
+    from bootstrap.app import Application
+
+    app = Application.load(settings)
+    shared = app.shared_routes()
+    mine = select_routes(shared, spec.index, spec.all_routes)
+    group = settings.mqtt_group_name
+    client_id = client_id_for(settings.mqtt_client_id, spec.index)
+    # The runtime knows every shared route, but subscribes to its own only: deliveries for a
+    # filter an older, wider run of this id had subscribed are then handled, not dead-lettered,
+    # until the unsubscribe below reaches the broker.
+    runtime = app.make_runtime(shared, client_id=client_id, worker_id=spec.worker_id)
+    wanted = {route.subscription_topic(group) for route in mine}
+    stale = [route.subscription_topic(group) for route in shared if route.subscription_topic(group) not in wanted]
+    runtime.client.subscriptions = [sub for sub in runtime.client.subscriptions if sub.topic in wanted]
+    runtime.subscriptions = list(runtime.client.subscriptions)
+
+    ticker = asyncio.create_task(_tick(runtime, settings, link, stopper))
+    background: list[asyncio.Task[Any]] = []
+    started = False
+    try:
+        if spec.wait_for_go and not stopper.event.is_set():
+            log.info("loaded; waiting for the previous process of %s to hand over", spec.worker_id)
+            await _first(link.go.wait(), stopper.event.wait())
+        if not stopper.event.is_set():
+            await runtime.start()
+            started = True
+            background.append(asyncio.create_task(_announce_ready(runtime, link, stale)))
+            if spec.test_mode:
+                from bootstrap.app import stop_when_idle
+
+                idle = asyncio.create_task(stop_when_idle(runtime, settings.test_mode_idle))
+                idle.add_done_callback(lambda t: t.cancelled() or stopper("test mode: idle"))
+                background.append(idle)
+        await stopper.event.wait()
+        log.info("%s", stopper.reason)
+        link.send({"type": "recycling" if stopper.recycle else "stopping", "reason": stopper.reason})
+        for task in background:
+            task.cancel()
+        clean = await runtime.stop() if started else True
+    finally:
+        ticker.cancel()
+    link.send({"type": "bye", "clean": clean, "stats": runtime.stats.snapshot(), "reason": stopper.reason})
+    link.close()
+    if stopper.recycle:
+        return EXIT_RECYCLE
+    return EXIT_OK if clean else EXIT_FAILED
+
+
+async def _first(*awaitables: Any) -> None:
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _announce_ready(runtime: "Runtime", link: _Link, stale: list[str]) -> None:
+    await runtime.wait_ready()
+    state = runtime.client.state
+    link.send({"type": "ready", "session_present": state.session_present,
+               "subscriptions": len(runtime.client.subscriptions)})
+    if stale and state.session_present:
+        # A resumed session may still hold filters this worker no longer serves (a route's
+        # worker_count went down): leave those groups so the broker stops dealing them to us.
+        await runtime.client.unsubscribe(stale)
+
+
+async def _tick(runtime: "Runtime", settings: Any, link: _Link, stopper: _Stopper) -> None:
+    """Heartbeats with stats, and the recycling limits, checked from the event loop."""
+    import psutil
+
+    proc = psutil.Process()
+    proc.cpu_percent(None)
+    interval = heartbeat_interval(settings.worker_heartbeat_timeout)
+    max_messages = settings.worker_max_messages
+    max_rss = settings.worker_max_memory_mb * 1024 * 1024
+    next_beat = 0.0
+    while True:
+        now = time.monotonic()
+        if max_messages and runtime.stats.received >= max_messages and not stopper.event.is_set():
+            stopper(f"recycling after {runtime.stats.received} messages (WORKER_MAX_MESSAGES={max_messages})",
+                    recycle=True)
+        if now >= next_beat:
+            next_beat = now + interval
+            rss = proc.memory_info().rss
+            if max_rss and rss > max_rss and not stopper.event.is_set():
+                stopper(f"recycling at {rss / 2**20:.0f} MB RSS (WORKER_MAX_MEMORY_MB={settings.worker_max_memory_mb})",
+                        recycle=True)
+            stats = runtime.stats.snapshot()
+            stats["inflight"] = runtime.dispatcher.inflight
+            link.send({"type": "hb", "stats": stats, "rss": rss, "cpu": proc.cpu_percent(None),
+                       "connected": runtime.client.state.connected})
+        await asyncio.sleep(min(0.05, interval))

@@ -1,0 +1,730 @@
+"""The supervisor: `python main.py --workers` runs shared routes in worker processes.
+
+The main process runs one asyncio loop that starts the embedded broker (if used), spawns the
+workers (spawn start method, see `core.worker`), serves the non-shared routes itself on plain
+subscriptions, drains sessions a previous, larger run left behind, and supervises: exits,
+heartbeats, restarts with backoff, crash loops, recycling hand-overs, stats lines and shutdown.
+
+`WorkerManager.snapshot()` is the live view (plain data) and `SupervisorService`s (an HTTP status
+server, metrics) start and stop with the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import random
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+from core.backoff import backoff_delay
+from core.config import SETTING_NAMES, Settings, load_settings
+from core.worker import EXIT_RECYCLE, WorkerSpec, client_id_for, worker_main
+
+if TYPE_CHECKING:
+    from bootstrap.app import Application
+    from core.router import Route
+    from core.runtime import Runtime
+
+log = logging.getLogger("core.supervisor")
+
+RESTART_BACKOFF_BASE = 0.5  # seconds before the first restart of a crashed worker (with jitter)
+RESTART_BACKOFF_CAP = 30.0
+STARTUP_GRACE = 60.0  # a new process may take this long to send its first heartbeat (imports)
+STOP_GRACE = 5.0  # on top of SHUTDOWN_TIMEOUT: time for drained workers to disconnect and exit
+PARKED_IDLE = 1.5  # a parked session is drained once nothing arrived for this long
+PARKED_PROBE_MISSES = 3  # ids probed above the worker count until this many in a row have no session
+
+
+class SupervisorService(Protocol):
+    """Something that lives as long as the supervisor (status HTTP server, metrics aggregation)."""
+
+    async def start(self, manager: "WorkerManager") -> None: ...
+
+    async def stop(self, manager: "WorkerManager") -> None: ...
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many worker processes, and which shared routes each one subscribes to."""
+
+    count: int
+    all_routes: bool  # True: each worker serves every shared route
+    reason: str
+
+    def routes_for(self, shared: Sequence["Route"], index: int) -> list["Route"]:
+        return list(shared) if self.all_routes else [r for r in shared if r.worker_count > index]
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def plan_workers(shared: Sequence["Route"], workers: int | None, cpus: int) -> WorkerPlan:
+    """The process count.
+
+    - `workers=N` (`--workers N` or WORKER_COUNT): N processes, each on every shared route.
+    - `workers=None` (`--workers` alone): if some shared route sets `worker_count` above 1,
+      the largest `worker_count` processes, worker i on the shared routes with worker_count > i
+      (so each route has exactly its worker_count subscribers); otherwise one per CPU core, each
+      on every shared route.
+    """
+    if not shared:
+        return WorkerPlan(0, True, "no shared routes")
+    if workers is not None:
+        if workers < 1:
+            raise ValueError(f"the number of workers must be at least 1, not {workers}")
+        return WorkerPlan(workers, True, f"--workers {workers} / WORKER_COUNT: every worker on every shared route")
+    largest = max(route.worker_count for route in shared)
+    if largest > 1:
+        return WorkerPlan(largest, False, f"the largest worker_count of the shared routes ({largest})")
+    return WorkerPlan(cpus, True, f"one per CPU core ({cpus}); no shared route sets worker_count")
+
+
+# -- state ------------------------------------------------------------------------------------
+
+STARTING, RUNNING, RECYCLING, BACKOFF, STOPPING, STOPPED = "starting", "running", "recycling", "backoff", "stopping", "stopped"
+_COUNTERS = ("received", "handled", "failed", "dead_lettered", "unrouted", "dropped_on_shutdown", "responses")
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    """One OS process serving a slot (a slot outlives its processes)."""
+
+    process: BaseProcess
+    conn: Connection
+    started_at: float
+    last_message_at: float
+    heartbeats: int = 0
+    ready: bool = False
+    session_present: bool | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    rss: int = 0
+    cpu: float = 0.0
+    connected: bool = False
+    recycling: str | None = None
+    stopping: str | None = None
+    kill_reason: str | None = None
+    clean: bool | None = None
+    reader_open: bool = True
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    """Worker `index`: its client id, current process, history."""
+
+    index: int
+    client_id: str
+    state: str = STARTING
+    current: WorkerProcess | None = None
+    successor: WorkerProcess | None = None  # pre-started replacement during recycling
+    restarts: int = 0
+    recycles: int = 0
+    crash_times: deque[float] = field(default_factory=deque)
+    last_exit: str | None = None
+    totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
+    restart_timer: asyncio.TimerHandle | None = None
+    final_clean: bool = True
+    logged_totals: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def worker_id(self) -> str:
+        return f"w{self.index}"
+
+    def cumulative(self) -> dict[str, int]:
+        """Counters over every process this slot has had."""
+        out = dict(self.totals)
+        if self.current is not None:
+            for key in _COUNTERS:
+                out[key] += int(self.current.stats.get(key, 0))
+        return out
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}"
+    return f"exit code {code}"
+
+
+class WorkerManager:
+    """Runs and supervises the worker processes of one app; `run()` returns the exit code."""
+
+    def __init__(
+        self,
+        app: "Application",
+        plan: WorkerPlan,
+        *,
+        test_mode: bool = False,
+        services: Sequence[SupervisorService] = (),
+        mp_context: Any = None,
+    ) -> None:
+        self.app = app
+        self.settings: Settings = app.settings
+        self.plan = plan
+        self.test_mode = test_mode
+        self.services: list[SupervisorService] = list(services)
+        self._ctx = mp_context or multiprocessing.get_context("spawn")
+        self.slots = [WorkerSlot(i, client_id_for(self.settings.mqtt_client_id, i)) for i in range(plan.count)]
+        self.started_at = time.time()
+        self._started_mono = time.monotonic()
+        self._overrides = _settings_overrides(self.settings)
+        self._stopping = False
+        self._stop_reason = ""
+        self._wake: asyncio.Event | None = None
+        self._fatal: str | None = None
+        self._main_runtime: "Runtime | None" = None
+        self._main_task: asyncio.Task[bool] | None = None
+        self._parked_task: asyncio.Task[bool] | None = None
+        self._parked: dict[str, dict[str, Any]] = {}
+        self._main_clean = True
+        self._parked_clean = True
+        self._all_ready_logged = False
+        self._next_stats = 0.0
+        self._broker: Any = None
+
+    def add_service(self, service: SupervisorService) -> None:
+        """Register a service before `run()` (started after the workers, stopped before the broker)."""
+        self.services.append(service)
+
+    # -- live view ----------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain data for status pages and metrics: the supervisor and one entry per worker."""
+        now = time.monotonic()
+        workers = []
+        for slot in self.slots:
+            proc = slot.current
+            workers.append({
+                "index": slot.index,
+                "worker_id": slot.worker_id,
+                "client_id": slot.client_id,
+                "pid": proc.pid if proc is not None else None,
+                "state": slot.state,
+                "ready": bool(proc and proc.ready),
+                "connected": bool(proc and proc.connected),
+                "restarts": slot.restarts,
+                "recycles": slot.recycles,
+                "last_exit": slot.last_exit,
+                "uptime": round(now - proc.started_at, 3) if proc is not None else 0.0,
+                "heartbeat_age": round(now - proc.last_message_at, 3) if proc is not None else None,
+                "rss_bytes": proc.rss if proc is not None else 0,
+                "cpu_percent": proc.cpu if proc is not None else 0.0,
+                "stats": dict(proc.stats) if proc is not None else {},
+                "totals": slot.cumulative(),
+            })
+        main = self._main_runtime
+        return {
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "uptime": round(now - self._started_mono, 3),
+            "state": "stopping" if self._stopping else "running",
+            "test_mode": self.test_mode,
+            "plan": {"count": self.plan.count, "all_routes": self.plan.all_routes, "reason": self.plan.reason},
+            "workers": workers,
+            "main": None if main is None else {
+                "client_id": main.client_id,
+                "connected": main.client.state.connected,
+                "stats": {**main.stats.snapshot(), "inflight": main.dispatcher.inflight},
+            },
+            "parked": {client_id: dict(info) for client_id, info in self._parked.items()},
+            "fatal": self._fatal,
+        }
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Begin a graceful stop of everything (safe from signal handlers on the loop)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._stop_reason = reason
+        if self._wake is not None:
+            self._wake.set()
+
+    async def run(self) -> int:
+        """Serve until a signal (or, in test mode, until everything is idle); the exit code."""
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._install_signals(loop)
+        settings = self.settings
+        if settings.uses_embedded_broker:
+            from core.embedded_broker import EmbeddedBroker
+
+            self._broker = EmbeddedBroker(settings.embedded_broker_host, settings.embedded_broker_port)
+            await self._broker.start()
+            log.info("embedded broker listening on %s:%d (set MQTT_BROKER to use an external one)",
+                     settings.embedded_broker_host, settings.embedded_broker_port)
+        try:
+            log.info("supervisor pid %d: %d worker process(es), %s", os.getpid(), self.plan.count, self.plan.reason)
+            for slot in self.slots:
+                self._start_slot(slot)
+            self._start_main_runtime()
+            if self.plan.count:
+                self._parked_task = asyncio.create_task(self._drain_parked_sessions())
+            for service in self.services:
+                await service.start(self)
+            await self._supervise()
+        finally:
+            await self._shutdown()
+        return self._exit_code()
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        def on_signal(signum: int) -> None:
+            name = signal.Signals(signum).name
+            if self._stopping:
+                log.info("%s received again; already stopping", name)
+                return
+            log.info("%s received; stopping the workers gracefully", name)
+            self.request_stop(name)
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, on_signal, sig)
+
+    def _start_main_runtime(self) -> None:
+        routes = self.app.plain_routes()
+        if not routes:
+            return
+        runtime = self.app.make_runtime(routes, worker_id="main")
+        self._main_runtime = runtime
+        self._main_task = asyncio.create_task(runtime.run())
+        if self.test_mode:
+            from bootstrap.app import stop_when_idle
+
+            asyncio.create_task(stop_when_idle(runtime, self.settings.test_mode_idle))
+
+    async def _supervise(self) -> None:
+        assert self._wake is not None
+        self._next_stats = time.monotonic() + self.settings.stats_interval
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), 0.1)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            self._check_processes()
+            now = time.monotonic()
+            if now >= self._next_stats:
+                self._next_stats = now + self.settings.stats_interval
+                self.log_stats()
+            if self._main_task is not None and self._main_task.done() and not self.test_mode:
+                self.request_stop("the main process's runtime ended")
+            if self.test_mode and self._all_done():
+                self.request_stop("test mode: every process is idle")
+
+    def _all_done(self) -> bool:
+        workers_done = all(slot.state == STOPPED for slot in self.slots)
+        main_done = self._main_task is None or self._main_task.done()
+        parked_done = self._parked_task is None or self._parked_task.done()
+        return workers_done and main_done and parked_done
+
+    # -- processes ----------------------------------------------------------------------------
+
+    def _spawn(self, slot: WorkerSlot, *, wait_for_go: bool) -> WorkerProcess:
+        parent, child = self._ctx.Pipe(duplex=True)
+        spec = WorkerSpec(slot.index, self.plan.all_routes, self._overrides, self.test_mode, wait_for_go)
+        process = self._ctx.Process(target=worker_main, args=(spec, child), name=f"worker-{slot.worker_id}")
+        process.start()
+        child.close()
+        now = time.monotonic()
+        proc = WorkerProcess(process, parent, now, now)
+        asyncio.get_running_loop().add_reader(parent.fileno(), self._read, slot, proc)
+        log.info("started worker %s (pid %d, client id %s)%s", slot.worker_id, process.pid, slot.client_id,
+                 "; it connects once its predecessor has handed over" if wait_for_go else "")
+        return proc
+
+    def _start_slot(self, slot: WorkerSlot) -> None:
+        slot.restart_timer = None
+        if self._stopping:
+            return
+        successor, slot.successor = slot.successor, None
+        if successor is not None and successor.process.exitcode is None and _send(successor.conn, {"type": "go"}):
+            slot.current = successor
+        else:
+            if successor is not None:
+                self._discard(successor)
+            slot.current = self._spawn(slot, wait_for_go=False)
+        slot.state = STARTING
+
+    def _read(self, slot: WorkerSlot, proc: WorkerProcess) -> None:
+        try:
+            while proc.conn.poll():
+                self._on_message(slot, proc, proc.conn.recv())
+        except (EOFError, OSError):
+            self._close_reader(proc)
+
+    def _on_message(self, slot: WorkerSlot, proc: WorkerProcess, message: Any) -> None:
+        if not isinstance(message, dict):
+            return
+        proc.last_message_at = time.monotonic()
+        kind = message.get("type")
+        if kind == "hb":
+            proc.heartbeats += 1
+            proc.stats = message.get("stats") or {}
+            proc.rss = int(message.get("rss") or 0)
+            proc.cpu = float(message.get("cpu") or 0.0)
+            proc.connected = bool(message.get("connected"))
+        elif kind == "ready" and proc is slot.current:
+            proc.ready = True
+            proc.connected = True
+            proc.session_present = bool(message.get("session_present"))
+            if slot.state == STARTING:
+                slot.state = RUNNING
+            log.info("worker %s (pid %d) subscribed to %d filter(s) (%s session)", slot.worker_id, proc.pid,
+                     message.get("subscriptions", 0), "resumed" if proc.session_present else "new")
+            self._log_all_ready()
+        elif kind == "recycling":
+            proc.recycling = str(message.get("reason"))
+            if proc is slot.current and not self._stopping:
+                slot.state = RECYCLING
+                log.info("worker %s (pid %d) is recycling: %s", slot.worker_id, proc.pid, proc.recycling)
+                if slot.successor is None:
+                    slot.successor = self._spawn(slot, wait_for_go=True)
+        elif kind == "stopping":
+            proc.stopping = str(message.get("reason"))
+        elif kind == "bye":
+            proc.clean = bool(message.get("clean"))
+            proc.stats = message.get("stats") or proc.stats
+
+    def _log_all_ready(self) -> None:
+        if self._all_ready_logged or not all(s.current is not None and s.current.ready for s in self.slots):
+            return
+        self._all_ready_logged = True
+        log.info("all %d worker(s) subscribed, %.2f s after start", len(self.slots), time.monotonic() - self._started_mono)
+
+    def _check_processes(self) -> None:
+        now = time.monotonic()
+        timeout = self.settings.worker_heartbeat_timeout
+        for slot in self.slots:
+            succ = slot.successor
+            if succ is not None and succ.process.exitcode is not None:
+                log.warning("successor of worker %s (pid %d) ended before taking over (%s)", slot.worker_id,
+                            succ.pid, describe_exit(succ.process.exitcode))
+                self._discard(succ)
+                slot.successor = None
+            proc = slot.current
+            if proc is None:
+                continue
+            if proc.process.exitcode is not None:
+                self._on_exit(slot, proc)
+                continue
+            limit = timeout if proc.heartbeats else max(timeout, STARTUP_GRACE)
+            age = now - proc.last_message_at
+            if age > limit and proc.kill_reason is None and proc.recycling is None and proc.stopping is None:
+                proc.kill_reason = f"no heartbeat for {age:.1f} s (WORKER_HEARTBEAT_TIMEOUT={timeout:g}; a handler blocking the event loop?)"
+                log.error("worker %s (pid %d): %s; killing it", slot.worker_id, proc.pid, proc.kill_reason)
+                _kill(proc.process)
+
+    def _on_exit(self, slot: WorkerSlot, proc: WorkerProcess) -> None:
+        code = proc.process.exitcode
+        self._retire(slot, proc)
+        slot.current = None
+        what = describe_exit(code)
+        slot.last_exit = proc.kill_reason or what
+        if self._stopping:
+            return
+        if code == 0 and (self.test_mode or proc.stopping == "test mode: idle"):
+            slot.state = STOPPED
+            log.info("worker %s (pid %d) finished (test mode)", slot.worker_id, proc.pid)
+            return
+        if code == EXIT_RECYCLE:
+            slot.recycles += 1
+            log.info("worker %s (pid %d) recycled; handing its session to a fresh process", slot.worker_id, proc.pid)
+            self._start_slot(slot)
+            return
+        if code == 0:
+            log.warning("worker %s (pid %d) stopped on its own (%s); starting it again", slot.worker_id, proc.pid,
+                        proc.stopping or "no reason given")
+            self._schedule_restart(slot, backoff_delay(0, RESTART_BACKOFF_BASE, RESTART_BACKOFF_CAP, random.random))
+            return
+        why = proc.kill_reason or what
+        if code == -signal.SIGKILL and proc.kill_reason is None:
+            why = f"{what}, presumably out of memory (the kernel's OOM killer sends SIGKILL)"
+        now = time.monotonic()
+        slot.crash_times.append(now)
+        while slot.crash_times and now - slot.crash_times[0] > self.settings.worker_restart_window:
+            slot.crash_times.popleft()
+        crashes = len(slot.crash_times)
+        limit = self.settings.worker_max_restarts
+        if crashes > limit:
+            self._fatal = (f"worker {slot.worker_id} (client id {slot.client_id}) crashed {crashes} time(s) within "
+                           f"{self.settings.worker_restart_window:g} s (WORKER_MAX_RESTARTS={limit}); last: {why}")
+            log.error("%s; stopping everything", self._fatal)
+            self.request_stop("crash loop")
+            return
+        delay = backoff_delay(crashes - 1, RESTART_BACKOFF_BASE, RESTART_BACKOFF_CAP, random.random)
+        slot.restarts += 1
+        log.error("worker %s (pid %d) died: %s; restarting it with the same client id in %.2f s (crash %d of at most %d within %g s)",
+                  slot.worker_id, proc.pid, why, delay, crashes, limit, self.settings.worker_restart_window)
+        self._schedule_restart(slot, delay)
+
+    def _schedule_restart(self, slot: WorkerSlot, delay: float) -> None:
+        slot.state = BACKOFF
+        slot.restart_timer = asyncio.get_running_loop().call_later(delay, self._start_slot, slot)
+
+    def _retire(self, slot: WorkerSlot, proc: WorkerProcess) -> None:
+        """Fold a finished process's counters into the slot and release its pipe."""
+        if proc.reader_open:
+            self._read(slot, proc)  # a final "bye" may still be in the pipe
+        for key in _COUNTERS:
+            slot.totals[key] += int(proc.stats.get(key, 0))
+        proc.stats = {}
+        self._discard(proc)
+
+    def _discard(self, proc: WorkerProcess) -> None:
+        self._close_reader(proc)
+        try:
+            proc.conn.close()
+        except OSError:
+            pass
+        if proc.process.exitcode is None:
+            _kill(proc.process)
+        proc.process.join(5)
+
+    def _close_reader(self, proc: WorkerProcess) -> None:
+        if proc.reader_open:
+            proc.reader_open = False
+            try:
+                asyncio.get_running_loop().remove_reader(proc.conn.fileno())
+            except (OSError, ValueError):
+                pass
+
+    # -- stats --------------------------------------------------------------------------------
+
+    def log_stats(self) -> None:
+        """One line per worker (and one for the main process's own routes)."""
+        interval = self.settings.stats_interval
+        for slot in self.slots:
+            proc = slot.current
+            totals = slot.cumulative()
+            delta = totals["handled"] - slot.logged_totals.get("handled", 0)
+            slot.logged_totals = totals
+            log.info(
+                "stats %s pid=%s state=%s handled=%d (+%d, %.1f/s) failed=%d dead_lettered=%d inflight=%d "
+                "rss=%.1fMB cpu=%.0f%% restarts=%d recycles=%d",
+                slot.worker_id, proc.pid if proc else "-", slot.state, totals["handled"], delta, delta / interval,
+                totals["failed"], totals["dead_lettered"], int(proc.stats.get("inflight", 0)) if proc else 0,
+                (proc.rss if proc else 0) / 2**20, proc.cpu if proc else 0.0, slot.restarts, slot.recycles,
+            )
+        main = self._main_runtime
+        if main is not None:
+            s = main.stats
+            log.info("stats main pid=%d handled=%d failed=%d dead_lettered=%d inflight=%d", os.getpid(), s.handled,
+                     s.failed, s.dead_lettered, main.dispatcher.inflight)
+
+    # -- sessions a larger run left behind ----------------------------------------------------
+
+    async def _drain_parked_sessions(self) -> bool:
+        """Connect as `-w<count>`, `-w<count+1>`... and handle and end any session still there."""
+        clean = True
+        index, misses = self.plan.count, 0
+        while misses < PARKED_PROBE_MISSES and not self._stopping:
+            client_id = client_id_for(self.settings.mqtt_client_id, index)
+            try:
+                found, ok = await self._drain_parked(client_id, index)
+            except Exception:
+                log.exception("could not check for a session of %s", client_id)
+                return False
+            clean = clean and ok
+            misses = 0 if found else misses + 1
+            index += 1
+        return clean
+
+    async def _drain_parked(self, client_id: str, index: int) -> tuple[bool, bool]:
+        settings = self.settings
+        shared = self.app.shared_routes()
+        group = settings.mqtt_group_name
+        runtime = self.app.make_runtime(shared, client_id=client_id, worker_id=f"w{index}-parked")
+        runtime.client.subscriptions = []  # join no group; a resumed session brings its own subscriptions
+        runtime.subscriptions = []
+        await runtime.start()
+        if not await runtime.wait_ready(timeout=10):
+            log.warning("could not connect as %s to look for parked messages; they stay in its session", client_id)
+            await runtime.stop()
+            return False, False
+        present = runtime.client.state.session_present
+        info = {"session_present": present, "handled": 0, "state": "draining" if present else "none"}
+        self._parked[client_id] = info
+        if present:
+            log.info("found the session of %s, left by a run with more workers: handling its parked messages "
+                     "and ending it", client_id)
+            # Leave the groups first, so the broker deals nothing new to this session, then take
+            # what is queued in it.
+            await runtime.client.unsubscribe([route.subscription_topic(group) for route in shared])
+            await self._wait_idle(runtime)
+            if self._stopping:
+                info["state"] = "interrupted"
+                await runtime.stop()  # keep the session: the next start handles the rest
+                return True, runtime.drained_cleanly
+        clean = await runtime.stop(session_expiry=0)
+        if not settings.mqtt_v5:
+            await _end_session_311(settings, client_id)
+        info["handled"] = runtime.stats.received
+        if present:
+            info["state"] = "ended"
+            log.info("ended the session of %s after handling %d parked message(s)", client_id, runtime.stats.received)
+        else:
+            self._parked.pop(client_id, None)
+        return present, clean
+
+    async def _wait_idle(self, runtime: "Runtime") -> None:
+        last_count, last_change = -1, time.monotonic()
+        while not self._stopping:
+            count = runtime.stats.received
+            if count != last_count or runtime.dispatcher.inflight:
+                last_count, last_change = count, time.monotonic()
+                self._parked.get(runtime.client_id, {})["handled"] = count
+            elif time.monotonic() - last_change >= PARKED_IDLE:
+                return
+            await asyncio.sleep(0.1)
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        if self._stop_reason:
+            log.info("stopping (%s)", self._stop_reason)
+        for slot in self.slots:
+            if slot.restart_timer is not None:
+                slot.restart_timer.cancel()
+                slot.restart_timer = None
+        procs = [(slot, proc) for slot in self.slots for proc in (slot.current, slot.successor) if proc is not None]
+        for slot, proc in procs:
+            if slot.state != STOPPED:
+                slot.state = STOPPING
+            if proc.process.exitcode is None:
+                try:
+                    os.kill(proc.process.pid, signal.SIGTERM)  # type: ignore[arg-type]
+                except ProcessLookupError:
+                    pass
+        if self._main_runtime is not None:
+            self._main_runtime.request_stop()
+        deadline = time.monotonic() + self.settings.shutdown_timeout + STOP_GRACE
+        while any(proc.process.exitcode is None for _, proc in procs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for slot, proc in procs:
+            if proc.process.exitcode is None:
+                log.error("worker %s (pid %d) did not stop within %g s; killing it", slot.worker_id, proc.pid,
+                          self.settings.shutdown_timeout + STOP_GRACE)
+                _kill(proc.process)
+                proc.process.join(5)
+            code = proc.process.exitcode
+            if proc is slot.current:
+                slot.final_clean = code == 0
+                slot.last_exit = describe_exit(code)
+                log.info("worker %s (pid %d) stopped: %s", slot.worker_id, proc.pid, slot.last_exit)
+                self._retire(slot, proc)
+                slot.current = None
+            else:
+                self._discard(proc)
+            slot.successor = None if proc is slot.successor else slot.successor
+            slot.state = STOPPED
+        if self._main_task is not None:
+            try:
+                self._main_clean = await self._main_task
+            except Exception:
+                log.exception("the main process's runtime failed")
+                self._main_clean = False
+        if self._parked_task is not None:
+            try:
+                self._parked_clean = await self._parked_task
+            except Exception:
+                log.exception("draining parked sessions failed")
+                self._parked_clean = False
+        if self.plan.count:
+            self.log_stats()
+        for service in reversed(self.services):
+            try:
+                await service.stop(self)
+            except Exception:
+                log.exception("stopping %r failed", service)
+        if self._broker is not None:
+            await self._broker.stop()
+
+    def _exit_code(self) -> int:
+        if self._fatal is not None:
+            log.error("exit 1: %s", self._fatal)
+            return 1
+        unclean = [slot.worker_id for slot in self.slots if not slot.final_clean]
+        if unclean:
+            log.error("exit 1: worker(s) %s did not stop cleanly", ", ".join(unclean))
+            return 1
+        if not self._main_clean or not self._parked_clean:
+            log.error("exit 1: the main process's handlers did not drain cleanly")
+            return 1
+        log.info("all workers stopped cleanly")
+        return 0
+
+
+def _send(conn: Connection, message: dict[str, Any]) -> bool:
+    try:
+        conn.send(message)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _kill(process: BaseProcess) -> None:
+    try:
+        os.kill(process.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    except (ProcessLookupError, TypeError):
+        pass
+
+
+async def _end_session_311(settings: Settings, client_id: str) -> None:
+    """MQTT 3.1.1 has no session expiry on DISCONNECT: connecting with a clean session ends it."""
+    from core.mqtt_client import MqttClient
+
+    client = MqttClient(settings, client_id, lambda message, generation: None, subscriptions=[],
+                        clean_start=True, session_expiry=0, name=f"mqtt[{client_id}-end]")
+    client.start(asyncio.get_running_loop())
+    if not await client.wait_subscribed(30):
+        log.warning("could not reconnect as %s to end its session", client_id)
+    await client.stop()
+
+
+def _settings_overrides(settings: Settings) -> dict[str, Any]:
+    """Settings that differ from what a worker would read from the environment it inherits."""
+    try:
+        from_env = load_settings(os.environ)
+    except Exception:  # the supervisor's settings came from elsewhere: pass them all
+        return {name: getattr(settings, name) for name in SETTING_NAMES}
+    return {name: getattr(settings, name) for name in SETTING_NAMES if getattr(settings, name) != getattr(from_env, name)}
+
+
+def run_supervisor(
+    app: "Application",
+    workers: int | None = None,
+    test_mode: bool = False,
+    env_file: str | None = ".env",
+    services: Sequence[SupervisorService] = (),
+) -> int:
+    """`python main.py --workers [N]`: supervise worker processes until stopped; the exit code.
+
+    `env_file` was already loaded into the environment, which the workers inherit.
+    """
+    plan = plan_workers(app.shared_routes(), workers, available_cpus())
+    if plan.count == 0:
+        log.warning("no route has shared=True, so there is nothing for worker processes to do; "
+                    "serving the plain routes in this process")
+    manager = WorkerManager(app, plan, test_mode=test_mode, services=services)
+    return asyncio.run(manager.run())

@@ -1,0 +1,1 @@
+"""Small apps that tests run as `python main.py` subprocesses (selected with ROUTERS_PACKAGE)."""

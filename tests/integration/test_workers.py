@@ -1,0 +1,501 @@
+"""`python main.py --workers`: the supervisor and its worker processes, against real brokers.
+
+Each test starts a private Mosquitto (or the embedded broker) and runs the app under test
+(`tests/apps/seqapp`) as a subprocess. Its handler appends `<worker> <pid> <seq>` to a file for
+every message it handled, so lost and duplicated sequence numbers can be counted. Every process
+started here is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from tests.support.servers import MosquittoServer, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+CLIENT_ID = "seqapp"
+SHARED_TOPIC = "seq/in"
+PLAIN_TOPIC = "plain/in"
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class AppProcess:
+    """`python main.py ...` with the seqapp routes; stderr goes to a file we can search."""
+
+    def __init__(self, tmp: Path, env: dict[str, str], args: list[str], name: str = "app") -> None:
+        self.log_path = tmp / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([PYTHON, "main.py", *args], cwd=ROOT, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        return wait_for(lambda: re.search(pattern, self.log()) or self._check_alive(pattern), f"log {pattern!r}",
+                        timeout)
+
+    def _check_alive(self, pattern: str) -> None:
+        if self.proc.poll() is not None and not re.search(pattern, self.log()):
+            raise AssertionError(f"app exited with {self.proc.returncode} before logging {pattern!r}:\n{self.log()[-4000:]}")
+
+    def wait_ready(self, workers: int, timeout: float = 40.0) -> None:
+        self.wait_log(rf"all {workers} worker\(s\) subscribed", timeout)
+
+    def worker_pids(self, worker_id: str) -> list[int]:
+        """PIDs the supervisor started for `worker_id`, in order."""
+        return [int(m) for m in re.findall(rf"started worker {worker_id} \(pid (\d+)", self.log())]
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"app did not exit within {timeout} s:\n{self.log()[-4000:]}") from None
+
+    def stop(self) -> None:
+        """Stop the supervisor and any worker it left behind, by PID."""
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        for pid in (int(p) for p in re.findall(r"started worker w\d+ \(pid (\d+)", self.log())):
+            _kill_if_worker(pid)
+        self._log.close()
+
+
+def _kill_if_worker(pid: int) -> None:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if b"multiprocessing" in cmdline:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class Records:
+    """The lines the app's handlers wrote: `<worker_id> <pid> <seq>`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def lines(self) -> list[tuple[str, int, int]]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                out.append((parts[0], int(parts[1]), int(parts[2])))
+        return out
+
+    def seqs(self) -> Counter[int]:
+        return Counter(seq for _, _, seq in self.lines())
+
+    def by_worker(self) -> Counter[str]:
+        return Counter(worker for worker, _, _ in self.lines())
+
+    def pids(self, worker_id: str) -> list[int]:
+        seen: list[int] = []
+        for worker, pid, _ in self.lines():
+            if worker == worker_id and pid not in seen:
+                seen.append(pid)
+        return seen
+
+    def wait_handled(self, expected: range, timeout: float = 60.0) -> Counter[int]:
+        want = set(expected)
+        wait_for(lambda: want <= set(self.seqs()), f"all of {len(want)} messages handled", timeout)
+        return self.seqs()
+
+
+def report(name: str, seqs: Counter[int], expected: range) -> tuple[int, int]:
+    lost = len(set(expected) - set(seqs))
+    duplicates = sum(count - 1 for seq, count in seqs.items() if count > 1 and seq in expected)
+    print(f"{name}: {len(expected)} published, {lost} lost, {duplicates} duplicate deliveries")
+    return lost, duplicates
+
+
+class Publisher:
+    """A QoS 1 publisher (MQTT 5, or 3.1.1 for the embedded broker), optionally paced, in a thread."""
+
+    def __init__(self, port: int, *, v5: bool = True) -> None:
+        if v5:
+            self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{os.getpid()}-{time.time_ns()}",
+                                      protocol=paho.MQTTv5)
+        else:
+            self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{time.time_ns()}",
+                                      protocol=paho.MQTTv311)
+        self.client.max_inflight_messages_set(500)
+        self.client.max_queued_messages_set(0)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def publish(self, seqs: range, topic: str = SHARED_TOPIC, rate: float | None = None) -> None:
+        infos = []
+        started = time.monotonic()
+        for count, seq in enumerate(seqs, 1):
+            infos.append(self.client.publish(topic, str(seq), qos=1))
+            if rate and count % 50 == 0:
+                ahead = count / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+        for info in infos:
+            info.wait_for_publish(60)
+            assert info.is_published()
+
+    def publish_in_background(self, seqs: range, rate: float) -> None:
+        def run() -> None:
+            try:
+                self.publish(seqs, rate=rate)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in join()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float = 60.0) -> None:
+        assert self._thread is not None
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "publisher did not finish"
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def session_present(port: int, client_id: str) -> bool:
+    """Connect without a clean start and report whether the broker still had a session for the id."""
+    result: dict[str, bool] = {}
+    done = threading.Event()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+
+    def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        result["present"] = bool(flags.session_present)
+        done.set()
+
+    client.on_connect = on_connect
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0
+    client.connect("127.0.0.1", port, clean_start=False, properties=props)
+    client.loop_start()
+    try:
+        assert done.wait(10), "no CONNACK"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return result["present"]
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broker(mosquitto_factory: Callable[..., MosquittoServer]) -> MosquittoServer:
+    return mosquitto_factory(max_queued=100_000)
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Callable[..., AppProcess]]:
+    """Start app processes (stopped at teardown); `harness.records` is their shared record file."""
+    apps: list[AppProcess] = []
+
+    def start(env: dict[str, str], *args: str, name: str = "app") -> AppProcess:
+        app = AppProcess(tmp_path, env, list(args), name=f"{name}{len(apps)}")
+        apps.append(app)
+        return app
+
+    try:
+        yield start
+    finally:
+        for app in apps:
+            app.stop()
+
+
+def app_env(tmp_path: Path, port: int | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "WORKER_", "SEQAPP_", "EMBEDDED_"))}
+    env.update(
+        ROUTERS_PACKAGE="tests.apps.seqapp.routers",
+        MQTT_CLIENT_ID=CLIENT_ID,
+        SEQAPP_RECORD=str(tmp_path / "records.txt"),
+        STATS_INTERVAL="2",
+        SHUTDOWN_TIMEOUT="10",
+        PYTHONUNBUFFERED="1",
+    )
+    if port is not None:
+        env.update(MQTT_BROKER="127.0.0.1", MQTT_PORT=str(port))
+    env.update(extra)
+    return env
+
+
+# -- tests ----------------------------------------------------------------------------------------
+
+
+def test_two_workers_split_5000_messages_and_lose_none(broker: MosquittoServer, harness: Any, tmp_path: Path) -> None:
+    records = Records(tmp_path / "records.txt")
+    app = harness(app_env(tmp_path, broker.port), "--workers", "2")
+    app.wait_ready(2)
+    publisher = Publisher(broker.port)
+    expected = range(5000)
+    plain = range(100_000, 100_020)
+    publisher.publish(expected)
+    publisher.publish(plain, topic=PLAIN_TOPIC)
+    seqs = records.wait_handled(expected)
+    wait_for(lambda: set(plain) <= set(records.seqs()), "the plain route's messages")
+    publisher.close()
+
+    lost, duplicates = report("5,000 over 2 workers", seqs, expected)
+    assert lost == 0
+    split = Counter(worker for worker, _, seq in records.lines() if seq in expected)
+    print(f"split: {dict(split)}")
+    assert set(split) == {"w0", "w1"}
+    for worker in ("w0", "w1"):
+        assert 0.30 <= split[worker] / len(expected) <= 0.70, split
+    # Non-shared routes are served once, by the supervisor itself.
+    plain_lines = [(worker, seq) for worker, _, seq in records.lines() if seq in plain]
+    assert sorted(seq for _, seq in plain_lines) == list(plain)
+    assert {worker for worker, _ in plain_lines} == {"main"}
+
+    app.wait_log(r"stats w0 pid=\d+ state=running handled=\d+")
+    app.signal(signal.SIGTERM)
+    assert app.wait() == 0
+    assert "all workers stopped cleanly" in app.log()
+
+
+def test_sigkilled_worker_is_restarted_with_its_client_id_and_nothing_is_lost(
+    broker: MosquittoServer, harness: Any, tmp_path: Path
+) -> None:
+    records = Records(tmp_path / "records.txt")
+    app = harness(app_env(tmp_path, broker.port, SEQAPP_DELAY="0.002"), "--workers", "2")
+    app.wait_ready(2)
+    publisher = Publisher(broker.port)
+    expected = range(3000)
+    publisher.publish_in_background(expected, rate=1000)
+    wait_for(lambda: records.by_worker()["w1"] >= 300, "w1 to handle messages")
+    (old_pid,) = app.worker_pids("w1")
+    os.kill(old_pid, signal.SIGKILL)
+
+    pids = wait_for(lambda: app.worker_pids("w1")[1:] and app.worker_pids("w1"), "w1 to be restarted")
+    assert len(pids) == 2 and pids[1] != old_pid
+    ids = re.findall(r"started worker w1 \(pid \d+, client id (\S+?)\)", app.log())
+    assert ids == [f"{CLIENT_ID}-w1", f"{CLIENT_ID}-w1"]
+    assert re.search(rf"worker w1 \(pid {old_pid}\) died: killed by SIGKILL, presumably out of memory", app.log())
+
+    publisher.join()
+    publisher.close()
+    seqs = records.wait_handled(expected)
+    lost, _ = report("SIGKILL of w1", seqs, expected)
+    assert lost == 0
+    assert records.pids("w1")[-1] == pids[1]  # the replacement handled messages too
+    app.signal(signal.SIGTERM)
+    assert app.wait() == 0
+
+
+def test_sigterm_drains_and_acks_so_a_restarted_app_gets_each_message_once(
+    broker: MosquittoServer, harness: Any, tmp_path: Path
+) -> None:
+    records = Records(tmp_path / "records.txt")
+    env = app_env(tmp_path, broker.port, SEQAPP_DELAY="0.02", MAX_INFLIGHT="50")
+    first = harness(env, "--workers", "2")
+    first.wait_ready(2)
+    publisher = Publisher(broker.port)
+    expected = range(3000)
+    publisher.publish_in_background(expected, rate=1000)
+    wait_for(lambda: len(records.lines()) >= 500, "500 messages handled")
+    first.signal(signal.SIGTERM)
+    assert first.wait(timeout=10 + 10) == 0  # SHUTDOWN_TIMEOUT=10 plus the stop grace
+    assert re.search(r"\[w\d\] core\.runtime: stopping: [1-9]\d* handler\(s\) in flight", first.log()), \
+        "handlers were in flight when the signal came"
+    handled_first = set(records.seqs())
+    publisher.join()  # the rest waits in the workers' sessions
+    publisher.close()
+
+    second = harness(env | {"TEST_MODE_IDLE": "2"}, "--workers", "2", "--test-mode")
+    assert second.wait(timeout=60) == 0
+    seqs = records.seqs()
+    lost, duplicates = report("SIGTERM mid-flow + restart", seqs, expected)
+    assert lost == 0
+    redelivered = [seq for seq in handled_first if seqs[seq] > 1]
+    assert redelivered == [], f"{len(redelivered)} messages handled before the stop were delivered again"
+    assert duplicates == 0
+
+
+def test_recycling_by_message_count_under_load_loses_nothing(
+    broker: MosquittoServer, harness: Any, tmp_path: Path
+) -> None:
+    records = Records(tmp_path / "records.txt")
+    app = harness(app_env(tmp_path, broker.port, WORKER_MAX_MESSAGES="400"), "--workers", "2")
+    app.wait_ready(2)
+    publisher = Publisher(broker.port)
+    expected = range(3000)
+    publisher.publish_in_background(expected, rate=1500)
+    publisher.join()
+    publisher.close()
+    seqs = records.wait_handled(expected)
+    lost, duplicates = report("recycling every 400 messages", seqs, expected)
+    assert lost == 0
+    assert duplicates == 0
+    for worker in ("w0", "w1"):
+        assert len(records.pids(worker)) >= 2, f"{worker} was never recycled"
+    assert re.search(r"worker w\d \(pid \d+\) recycled", app.log())
+    assert "died" not in app.log()  # a recycle is not a crash
+    app.signal(signal.SIGTERM)
+    assert app.wait() == 0
+
+
+def test_handler_blocking_the_event_loop_is_caught_by_the_heartbeat(
+    broker: MosquittoServer, harness: Any, tmp_path: Path
+) -> None:
+    records = Records(tmp_path / "records.txt")
+    env = app_env(tmp_path, broker.port, WORKER_HEARTBEAT_TIMEOUT="3", SEQAPP_BLOCK_SEQ="100",
+                  SEQAPP_MARKER=str(tmp_path / "blocked-once"))
+    app = harness(env, "--workers", "2")
+    app.wait_ready(2)
+    publisher = Publisher(broker.port)
+    expected = range(600)
+    publisher.publish(expected)
+    publisher.close()
+    match = app.wait_log(r"worker (w\d) \(pid (\d+)\): no heartbeat for [\d.]+ s")
+    blocked_worker, blocked_pid = match.group(1), int(match.group(2))
+    seqs = records.wait_handled(expected)  # including 100, by the replacement
+    lost, _ = report("blocked handler", seqs, expected)
+    assert lost == 0
+    pids = app.worker_pids(blocked_worker)
+    assert pids[0] == blocked_pid and len(pids) == 2
+    assert [pid for worker, pid, seq in records.lines() if seq == 100] == [pids[1]]
+    app.signal(signal.SIGTERM)
+    assert app.wait() == 0
+
+
+def test_crash_loop_stops_everything_with_exit_1(broker: MosquittoServer, harness: Any, tmp_path: Path) -> None:
+    env = app_env(tmp_path, broker.port, SEQAPP_CRASH_SEQ="3", WORKER_MAX_RESTARTS="2", WORKER_RESTART_WINDOW="60")
+    app = harness(env, "--workers", "1")
+    app.wait_ready(1)
+    publisher = Publisher(broker.port)
+    publisher.publish(range(5))
+    publisher.close()
+    assert app.wait(timeout=60) == 1
+    log = app.log()
+    assert re.search(r"worker w0 \(client id seqapp-w0\) crashed 3 time\(s\) within 60 s \(WORKER_MAX_RESTARTS=2\); "
+                     r"last: exit code 3; stopping everything", log), log[-3000:]
+    assert len(app.worker_pids("w0")) == 3
+
+
+def test_test_mode_handles_what_waited_in_the_sessions_and_exits_0(
+    broker: MosquittoServer, harness: Any, tmp_path: Path
+) -> None:
+    records = Records(tmp_path / "records.txt")
+    env = app_env(tmp_path, broker.port, TEST_MODE_IDLE="2")
+    first = harness(env, "--workers", "2")
+    first.wait_ready(2)
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+    # A normal stop keeps the sessions: what is published meanwhile waits for the next start.
+    publisher = Publisher(broker.port)
+    expected = range(1000)
+    publisher.publish(expected)
+    publisher.publish(range(100_000, 100_010), topic=PLAIN_TOPIC)
+    publisher.close()
+
+    second = harness(env, "--workers", "2", "--test-mode")
+    assert second.wait(timeout=60) == 0
+    seqs = records.seqs()
+    lost, duplicates = report("test mode", seqs, expected)
+    assert lost == 0 and duplicates == 0
+    assert set(range(100_000, 100_010)) <= set(seqs)
+    assert len(re.findall(r"worker w\d \(pid \d+\) finished \(test mode\)", second.log())) == 2
+
+
+def test_fewer_workers_drain_and_end_the_sessions_a_larger_run_left(
+    broker: MosquittoServer, harness: Any, tmp_path: Path
+) -> None:
+    records = Records(tmp_path / "records.txt")
+    env = app_env(tmp_path, broker.port, TEST_MODE_IDLE="2")
+    first = harness(env, "--workers", "3")
+    first.wait_ready(3)
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+    publisher = Publisher(broker.port)
+    expected = range(900)
+    publisher.publish(expected)  # dealt over three offline sessions, w2's share among them
+    publisher.close()
+
+    second = harness(env, "--workers", "2", "--test-mode")
+    assert second.wait(timeout=60) == 0
+    log = second.log()
+    match = re.search(rf"ended the session of {CLIENT_ID}-w2 after handling (\d+) parked message", log)
+    assert match and int(match.group(1)) > 0, log[-3000:]
+    assert f"session of {CLIENT_ID}-w3" not in log
+    seqs = records.seqs()
+    lost, duplicates = report("3 -> 2 workers", seqs, expected)
+    assert lost == 0 and duplicates == 0
+    assert {worker for worker, _, _ in records.lines()} == {"w0", "w1", "w2-parked"}
+    assert not session_present(broker.port, f"{CLIENT_ID}-w2")
+    assert session_present(broker.port, f"{CLIENT_ID}-w0")  # the remaining workers keep theirs
+
+
+def test_workers_on_the_embedded_broker(harness: Any, tmp_path: Path) -> None:
+    records = Records(tmp_path / "records.txt")
+    port = free_port()
+    env = app_env(tmp_path, None, EMBEDDED_BROKER_PORT=str(port), SEQAPP_WORKER_COUNT="2")
+    app = harness(env, "--workers")  # no number: the route's worker_count=2 decides
+    app.wait_ready(2)
+    assert "2 worker process(es), the largest worker_count" in app.log()
+    publisher = Publisher(port, v5=False)
+    expected = range(1000)
+    publisher.publish(expected)
+    publisher.publish(range(100_000, 100_005), topic=PLAIN_TOPIC)
+    publisher.close()
+    seqs = records.wait_handled(expected)
+    wait_for(lambda: set(range(100_000, 100_005)) <= set(records.seqs()), "plain messages")
+    lost, _ = report("embedded broker", seqs, expected)
+    assert lost == 0
+    split = Counter(worker for worker, _, seq in records.lines() if seq in expected)
+    assert set(split) == {"w0", "w1"} and min(split.values()) >= 0.3 * len(expected), split
+    app.signal(signal.SIGTERM)
+    assert app.wait() == 0
