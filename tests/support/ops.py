@@ -18,9 +18,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import paho.mqtt.client as paho
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TIMEOUT = 30.0
@@ -151,3 +152,39 @@ class App:
         self.stop()
         self.log_file.close()
         os.unlink(self.log_file.name)
+
+
+# -- `python main.py` with the ops test app and the HTTP server ---------------------------------------
+
+
+@pytest.fixture
+def app_factory() -> Iterator[Any]:
+    """`app, url = app_factory(broker, *args, **env)`: tests.apps.ops_app served by main.py, HTTP on a free port."""
+    from tests.support.servers import free_port
+
+    apps: list[App] = []
+
+    def start(broker: Any, *args: str, **env: str) -> tuple[App, str]:
+        port = free_port()
+        full_env = base_env(
+            MQTT_BROKER=broker.host, MQTT_PORT=str(broker.port), HTTP_PORT=str(port),
+            ROUTERS_PACKAGE="tests.apps.ops_app", MQTT_CLIENT_ID=f"ops-{port}", MQTT_SESSION_EXPIRY="0",
+            MQTT_RECONNECT_MIN="0.1", MQTT_RECONNECT_MAX="0.5", SHUTDOWN_TIMEOUT="5", **env,
+        )
+        app = App(full_env, *args)
+        apps.append(app)
+        return app, f"http://127.0.0.1:{port}"
+
+    yield start
+    for app in apps:
+        app.cleanup()
+
+
+def ready(url: str) -> bool:
+    return http_get(url + "/ready")[0] == 200
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    status, text = http_get(url + "/metrics")
+    assert status == 200, text
+    return parse_metrics(text)

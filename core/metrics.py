@@ -1,0 +1,476 @@
+"""Metrics over every process of an app: per-process data, aggregation, Prometheus export.
+
+How numbers get here (and why not prometheus-client's multiprocess mode): each process already
+counts into its `ProcessStats` on the event loop's thread, and workers already send a snapshot of
+it to the supervisor with every heartbeat. `MetricsHook` adds what the counters lack to that
+snapshot, through `ProcessStats.extensions`: a latency histogram per route (fed by one observer
+call per handled message), the MQTT connection state and the rate limiters' counters. The
+supervisor turns those snapshots into Prometheus metrics with a custom collector
+(`AppCollector`). prometheus-client's multiprocess mode would need a shared directory of mmap
+files, cleanup of dead workers' files and a second counting path on the hot path; this way a
+message costs two integer increments and a bisect, and the supervisor (which knows which process
+is which, and when one was replaced) does the arithmetic.
+
+Counters stay monotonic across worker restarts: when a worker slot's pid changes, the last
+snapshot seen from the old process is folded into the slot's retired totals. What a crashed process
+counted after its last heartbeat (at most about a second) is lost from the per-route numbers.
+
+Backlog gauges (outbox rows, stream lengths): a process reports them with
+`runtime.stats.extensions["backlog"] = lambda: {"outbox": 12, "stream:orders": 3}` — cached values
+its own task refreshes, since snapshots are taken every heartbeat. Backlogs are global quantities
+measured from possibly several processes, so `mqtt_app_backlog{source}` is the largest report.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol, Sequence
+
+from core.config import Settings
+
+if TYPE_CHECKING:
+    from core.runtime import Runtime
+    from core.worker_manager import WorkerManager
+
+# Handler latency buckets in seconds (MQTT handlers are often sub-millisecond).
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+
+RATE_WINDOW = 10.0  # seconds of samples behind the rates shown on the status page
+_COUNTER_KEYS = ("received", "handled", "failed", "dead_lettered", "unrouted", "responses", "dropped_on_shutdown")
+_ROUTE_KEYS = ("handled", "failed", "dead_lettered", "seconds")
+
+
+# -- in every process -------------------------------------------------------------------------------
+
+
+class LatencyHistogram:
+    """Handler time per route in fixed buckets; `observe` is a `ProcessStats` observer."""
+
+    def __init__(self, bounds: Sequence[float] = LATENCY_BUCKETS) -> None:
+        self.bounds = tuple(bounds)
+        self._routes: dict[str, list[Any]] = {}  # pattern -> [bucket counts (last one: +Inf), sum]
+
+    def observe(self, pattern: str, seconds: float, outcome: str) -> None:
+        entry = self._routes.get(pattern)
+        if entry is None:
+            entry = self._routes[pattern] = [[0] * (len(self.bounds) + 1), 0.0]
+        entry[0][bisect.bisect_left(self.bounds, seconds)] += 1
+        entry[1] += seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "bounds": list(self.bounds),
+            "routes": {pattern: {"counts": list(counts), "sum": total} for pattern, (counts, total) in self._routes.items()},
+        }
+
+
+def rate_limit_counters(runtime: "Runtime") -> dict[str, dict[str, int]]:
+    """{route pattern: {action: messages over the limit}} from the RateLimit middleware of the routes."""
+    out: dict[str, dict[str, int]] = {}
+    seen: set[int] = set()
+    for route in runtime.table.routes:
+        for mw in route.middleware:
+            counters = getattr(mw, "counters", None)
+            if counters is None or id(mw) in seen or type(mw).__name__ != "RateLimit":
+                continue
+            seen.add(id(mw))
+            data = counters()
+            for pattern, count in data["limited"].items():
+                out.setdefault(pattern, {})[data["action"]] = out.get(pattern, {}).get(data["action"], 0) + count
+    return out
+
+
+class MetricsHook:
+    """RuntimeHook installed in every process when HTTP_PORT is set (see `metrics_hooks`)."""
+
+    def __init__(self) -> None:
+        self.histogram = LatencyHistogram()
+
+    async def start(self, runtime: "Runtime") -> None:
+        stats = runtime.stats
+        stats.observers.append(self.histogram.observe)
+        stats.extensions["latency"] = self.histogram.snapshot
+        state = runtime.client.state
+        stats.extensions["mqtt"] = lambda: {
+            "connected": state.connected, "subscribed": state.subscribed,
+            "connects": state.connects, "disconnects": state.disconnects,
+        }
+        stats.extensions["rate_limited"] = lambda: rate_limit_counters(runtime)
+
+    async def stop(self, runtime: "Runtime") -> None:
+        return None
+
+
+def metrics_hooks(settings: Settings, worker_id: str) -> list[MetricsHook]:
+    """Hook factory for `Application.hook_factories`: metrics only when the HTTP server is on."""
+    return [MetricsHook()] if settings.http_port is not None else []
+
+
+# -- what a status source reports -------------------------------------------------------------------
+
+
+@dataclass
+class ProcessInfo:
+    """One process as the status page and the metrics see it."""
+
+    id: str  # "main", "w0", "w1", ...
+    role: str  # "main" or "worker"
+    pid: int | None
+    state: str
+    ready: bool  # connected and subscribed
+    connected: bool
+    restarts: int = 0
+    recycles: int = 0
+    rss_bytes: int = 0
+    cpu_percent: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SystemSample:
+    """Everything a status source knows at one moment."""
+
+    mode: str  # "single" or "workers"
+    pid: int
+    uptime: float
+    stopping: bool
+    fatal: str | None
+    processes: list[ProcessInfo]
+
+
+class StatusSource(Protocol):
+    def sample(self) -> SystemSample: ...
+
+
+class _ProcessMeter:
+    """psutil RSS/CPU of one process (CPU percent since the previous call)."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        import psutil
+
+        self._proc = psutil.Process(pid)
+        self._proc.cpu_percent(None)
+
+    def read(self) -> tuple[int, float]:
+        return self._proc.memory_info().rss, self._proc.cpu_percent(None)
+
+
+def _runtime_info(runtime: "Runtime", meter: _ProcessMeter | None) -> ProcessInfo:
+    state = runtime.client.state
+    stats = runtime.stats.snapshot()
+    stats["inflight"] = runtime.dispatcher.inflight
+    rss, cpu = meter.read() if meter is not None else (0, 0.0)
+    ready = state.connected and state.subscribed
+    return ProcessInfo("main", "main", os.getpid(), "running" if ready else "connecting", ready, state.connected,
+                       rss_bytes=rss, cpu_percent=cpu, stats=stats)
+
+
+class RuntimeSource:
+    """`python main.py`: one process, one runtime."""
+
+    def __init__(self, runtime: "Runtime") -> None:
+        self.runtime = runtime
+        self._meter = _ProcessMeter()
+        self._started = time.monotonic()
+
+    def sample(self) -> SystemSample:
+        info = _runtime_info(self.runtime, self._meter)
+        stopping = bool(getattr(self.runtime, "_stopping", False))
+        if stopping:
+            info.state = "stopping"
+        return SystemSample("single", os.getpid(), time.monotonic() - self._started, stopping, None, [info])
+
+
+class SupervisorSource:
+    """`python main.py --workers`: the supervisor's own runtime (plain routes) plus the workers."""
+
+    def __init__(self, manager: "WorkerManager") -> None:
+        self.manager = manager
+        self._meter = _ProcessMeter()
+
+    def sample(self) -> SystemSample:
+        snap = self.manager.snapshot()
+        processes: list[ProcessInfo] = []
+        rss, cpu = self._meter.read()
+        main = snap.get("main")
+        if main is not None:
+            stats = dict(main.get("stats") or {})
+            mqtt = stats.get("mqtt") if isinstance(stats.get("mqtt"), dict) else {}
+            up = bool(main.get("connected")) and bool(mqtt.get("subscribed", main.get("connected")))
+            state = "stopping" if snap["state"] == "stopping" else ("running" if up else "connecting")
+            processes.append(ProcessInfo("main", "main", snap["pid"], state, up, bool(main.get("connected")),
+                                         rss_bytes=rss, cpu_percent=cpu, stats=stats))
+        else:
+            # No plain routes: the supervisor holds no MQTT connection of its own.
+            processes.append(ProcessInfo("main", "supervisor", snap["pid"], snap["state"], True, False,
+                                         rss_bytes=rss, cpu_percent=cpu))
+        for w in snap["workers"]:
+            stats = w.get("stats") or {}
+            mqtt = stats.get("mqtt")
+            subscribed = bool(mqtt["subscribed"]) if isinstance(mqtt, dict) else bool(w["ready"] and w["connected"])
+            processes.append(ProcessInfo(
+                w["worker_id"], "worker", w["pid"], w["state"],
+                ready=w["state"] == "running" and w["connected"] and subscribed and w["ready"],
+                connected=bool(w["connected"]), restarts=int(w["restarts"]), recycles=int(w.get("recycles", 0)),
+                rss_bytes=int(w["rss_bytes"] or 0), cpu_percent=float(w["cpu_percent"] or 0.0), stats=stats,
+            ))
+        return SystemSample("workers", snap["pid"], float(snap["uptime"]), snap["state"] == "stopping", snap["fatal"],
+                            processes)
+
+
+# -- aggregation ------------------------------------------------------------------------------------
+
+
+def _add_numbers(into: dict[str, Any], add: dict[str, Any]) -> None:
+    """Deep-add the numbers of `add` into `into` (lists of numbers element-wise)."""
+    for key, value in add.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            into[key] = into.get(key, 0) + value
+        elif isinstance(value, dict):
+            _add_numbers(into.setdefault(key, {}), value)
+        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            current = into.get(key)
+            if isinstance(current, list) and len(current) == len(value):
+                into[key] = [a + b for a, b in zip(current, value)]
+            else:
+                into[key] = list(value)
+
+
+def _countable(stats: dict[str, Any]) -> dict[str, Any]:
+    """The monotonic parts of a process snapshot (what is folded into retired totals)."""
+    out: dict[str, Any] = {k: stats.get(k, 0) for k in _COUNTER_KEYS}
+    out["routes"] = stats.get("routes", {})
+    latency = stats.get("latency")
+    if isinstance(latency, dict):
+        out["latency"] = {"routes": latency.get("routes", {})}
+    out["rate_limited"] = stats.get("rate_limited", {})
+    mqtt = stats.get("mqtt")
+    if isinstance(mqtt, dict):
+        out["reconnects"] = max(0, int(mqtt.get("connects", 0)) - 1)
+    return out
+
+
+@dataclass
+class RouteView:
+    pattern: str
+    received: int = 0
+    handled: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    rate_limited: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    rate: float = 0.0  # completed messages per second over the last RATE_WINDOW
+    error_rate: float = 0.0  # dead-lettered per second
+    histogram: tuple[list[int], float] | None = None  # (bucket counts, sum)
+
+    @property
+    def average_ms(self) -> float:
+        done = self.handled + self.failed
+        return 1000 * self.seconds / done if done else 0.0
+
+
+@dataclass
+class SystemView:
+    """Aggregated state: what /metrics, /status.json and the status page show."""
+
+    sample: SystemSample
+    processes: list[tuple[ProcessInfo, dict[str, Any], float]]  # info, cumulative counters, messages/s
+    routes: list[RouteView]
+    totals: dict[str, Any]
+    bounds: list[float]
+    backlog: dict[str, float]
+
+
+class Aggregator:
+    """Folds samples into cumulative counters per process slot and rates over the last seconds."""
+
+    def __init__(self, source: StatusSource, routes: Iterable[str] = ()) -> None:
+        self.source = source
+        self.known_routes = list(routes)
+        self._retired: dict[str, dict[str, Any]] = {}
+        self._last: dict[str, tuple[int | None, dict[str, Any]]] = {}  # slot -> (pid, countable snapshot)
+        self._history: deque[tuple[float, dict[str, int], dict[str, tuple[int, int]]]] = deque()
+
+    def collect(self) -> SystemView:
+        sample = self.source.sample()
+        now = time.monotonic()
+        per_process: list[tuple[ProcessInfo, dict[str, Any]]] = []
+        for info in sample.processes:
+            current = _countable(info.stats) if info.stats else None
+            last = self._last.get(info.id)
+            if last is not None and last[0] != info.pid and last[0] is not None:
+                # A new process took the slot: keep what the old one counted.
+                _add_numbers(self._retired.setdefault(info.id, {}), last[1])
+                self._last.pop(info.id)
+            if current is not None and info.pid is not None:
+                self._last[info.id] = (info.pid, current)
+            cumulative: dict[str, Any] = {}
+            _add_numbers(cumulative, self._retired.get(info.id, {}))
+            live = self._last.get(info.id)
+            if live is not None and live[0] == info.pid:
+                _add_numbers(cumulative, live[1])
+            per_process.append((info, cumulative))
+        totals: dict[str, Any] = {}
+        for _, cumulative in per_process:
+            _add_numbers(totals, cumulative)
+        routes = self._routes(totals)
+        bounds = list(LATENCY_BUCKETS)
+        for info in sample.processes:
+            latency = info.stats.get("latency") if info.stats else None
+            if isinstance(latency, dict) and latency.get("bounds"):
+                bounds = list(latency["bounds"])
+                break
+        backlog: dict[str, float] = {}
+        for info in sample.processes:
+            for name, value in ((info.stats or {}).get("backlog") or {}).items():
+                backlog[name] = max(backlog.get(name, value), value)
+        rates_p, rates_r = self._rates(now, per_process, routes)
+        view_processes = [(info, cumulative, rates_p.get(info.id, 0.0)) for info, cumulative in per_process]
+        for route in routes:
+            route.rate, route.error_rate = rates_r.get(route.pattern, (0.0, 0.0))
+        return SystemView(sample, view_processes, routes, totals, bounds, backlog)
+
+    def _routes(self, totals: dict[str, Any]) -> list[RouteView]:
+        by_pattern: dict[str, RouteView] = {p: RouteView(p) for p in self.known_routes}
+        for pattern, data in (totals.get("routes") or {}).items():
+            view = by_pattern.setdefault(pattern, RouteView(pattern))
+            view.handled = int(data.get("handled", 0))
+            view.failed = int(data.get("failed", 0))
+            view.dead_lettered = int(data.get("dead_lettered", 0))
+            view.seconds = float(data.get("seconds", 0.0))
+            view.received = view.handled + view.dead_lettered
+        for pattern, actions in (totals.get("rate_limited") or {}).items():
+            by_pattern.setdefault(pattern, RouteView(pattern)).rate_limited = {k: int(v) for k, v in actions.items()}
+        for pattern, hist in ((totals.get("latency") or {}).get("routes") or {}).items():
+            by_pattern.setdefault(pattern, RouteView(pattern)).histogram = (list(hist["counts"]), float(hist["sum"]))
+        return list(by_pattern.values())
+
+    def _rates(self, now: float, per_process: list[tuple[ProcessInfo, dict[str, Any]]],
+               routes: list[RouteView]) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+        p_counts = {info.id: int(c.get("received", 0)) for info, c in per_process}
+        r_counts = {r.pattern: (r.received, r.dead_lettered) for r in routes}
+        history = self._history
+        if not history or now - history[-1][0] >= 0.25:
+            history.append((now, p_counts, r_counts))
+        while len(history) > 2 and now - history[1][0] >= RATE_WINDOW:
+            history.popleft()
+        t0, p0, r0 = history[0]
+        span = now - t0
+        if span < 0.5:
+            return {}, {}
+        p_rates = {k: max(0, v - p0.get(k, 0)) / span for k, v in p_counts.items()}
+        r_rates = {k: (max(0, v[0] - r0.get(k, (0, 0))[0]) / span, max(0, v[1] - r0.get(k, (0, 0))[1]) / span)
+                   for k, v in r_counts.items()}
+        return p_rates, r_rates
+
+
+# -- Prometheus -------------------------------------------------------------------------------------
+
+
+class AppCollector:
+    """A prometheus-client collector reading an `Aggregator` at scrape time."""
+
+    def __init__(self, aggregator: Aggregator, prefix: str = "mqtt_app") -> None:
+        self.aggregator = aggregator
+        self.prefix = prefix
+
+    def describe(self) -> list[Any]:
+        return []  # metric families depend on the routes and processes: no up-front description
+
+    def collect(self) -> Iterator[Any]:
+        return iter(build_metric_families(self.aggregator.collect(), self.prefix))
+
+
+def build_metric_families(view: SystemView, prefix: str = "mqtt_app") -> list[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    p = prefix
+    out: list[Any] = []
+
+    def counter(name: str, doc: str, labels: Sequence[str]) -> Any:
+        family = CounterMetricFamily(f"{p}_{name}", doc, labels=labels)
+        out.append(family)
+        return family
+
+    def gauge(name: str, doc: str, labels: Sequence[str]) -> Any:
+        family = GaugeMetricFamily(f"{p}_{name}", doc, labels=labels)
+        out.append(family)
+        return family
+
+    received = counter("messages_received", "MQTT messages delivered to the process", ["worker"])
+    unrouted = counter("messages_unrouted", "Messages that matched no route (dead-lettered)", ["worker"])
+    responses = counter("responses", "Handler results published to a response topic", ["worker"])
+    reconnects = counter("mqtt_reconnects", "MQTT reconnections after the first connection", ["worker"])
+    inflight = gauge("inflight", "Messages being handled right now", ["worker"])
+    connected = gauge("mqtt_connected", "1 while the process's MQTT connection is up", ["worker"])
+    ready = gauge("process_ready", "1 while the process is connected and subscribed", ["worker"])
+    rss = gauge("process_resident_memory_bytes", "Resident memory (psutil)", ["worker", "pid"])
+    cpu = gauge("process_cpu_percent", "CPU use since the previous sample, percent of one core (psutil)", ["worker", "pid"])
+    restarts = counter("worker_restarts", "Worker processes restarted after a crash or a missed heartbeat", ["worker"])
+    recycles = counter("worker_recycles", "Worker processes replaced by WORKER_MAX_MESSAGES/WORKER_MAX_MEMORY_MB", ["worker"])
+    for info, cumulative, _rate in view.processes:
+        w = info.id
+        received.add_metric([w], cumulative.get("received", 0))
+        unrouted.add_metric([w], cumulative.get("unrouted", 0))
+        responses.add_metric([w], cumulative.get("responses", 0))
+        reconnects.add_metric([w], cumulative.get("reconnects", 0))
+        inflight.add_metric([w], (info.stats or {}).get("inflight", 0))
+        if info.role != "supervisor":
+            connected.add_metric([w], 1 if info.connected else 0)
+        ready.add_metric([w], 1 if info.ready else 0)
+        rss.add_metric([w, str(info.pid or "")], info.rss_bytes)
+        cpu.add_metric([w, str(info.pid or "")], info.cpu_percent)
+        if info.role == "worker":
+            restarts.add_metric([w], info.restarts)
+            recycles.add_metric([w], info.recycles)
+
+    r_received = counter("route_messages_received", "Messages a route finished with (handled + dead-lettered)", ["route"])
+    r_handled = counter("route_messages_handled", "Messages a route's handler finished without error", ["route"])
+    r_failed = counter("route_messages_failed", "Handler errors and timeouts (these are also dead-lettered)", ["route"])
+    r_dead = counter("route_messages_dead_lettered", "Messages of a route sent to the dead-letter topic", ["route"])
+    r_limited = counter("rate_limited", "Messages over a RateLimit, by action (dead_letter or drop)", ["route", "action"])
+    latency = HistogramMetricFamily(f"{p}_handler_duration_seconds", "Handler (with middleware) time per route",
+                                    labels=["route"])
+    out.append(latency)
+    for route in view.routes:
+        r_received.add_metric([route.pattern], route.received)
+        r_handled.add_metric([route.pattern], route.handled)
+        r_failed.add_metric([route.pattern], route.failed)
+        r_dead.add_metric([route.pattern], route.dead_lettered)
+        for action, count in sorted(route.rate_limited.items()):
+            r_limited.add_metric([route.pattern, action], count)
+        if route.histogram is not None:
+            counts, total = route.histogram
+            buckets, running = [], 0
+            for bound, count in zip([*map(_le, view.bounds), "+Inf"], counts):
+                running += count
+                buckets.append((bound, running))
+            latency.add_metric([route.pattern], buckets, total)
+
+    backlog = gauge("backlog", "Work waiting (outbox rows, stream entries), largest report", ["source"])
+    for name, value in sorted(view.backlog.items()):
+        backlog.add_metric([name], value)
+    up = gauge("up_seconds", "Seconds since the process (supervisor) started", [])
+    up.add_metric([], view.sample.uptime)
+    return out
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def render_metrics(aggregator: Aggregator, prefix: str = "mqtt_app") -> tuple[bytes, str]:
+    """The Prometheus text exposition of an aggregator: (body, content type)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AppCollector(aggregator, prefix))  # type: ignore[arg-type]
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,175 @@
+"""The status page at `/`: workers, routes and the broker connection, refreshing itself.
+
+The page is rendered here, on the server; its script fetches `/?fragment=1` every few seconds and
+swaps the live part in, so there is one renderer (this module) and the page works without
+JavaScript too (it then reloads itself through a `<noscript>` meta refresh). Every value is
+HTML-escaped. `status_data` is also what `/status.json` returns.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from core.config import Settings
+    from core.metrics import SystemView
+
+
+def status_data(view: "SystemView", readiness: dict[str, Any], settings: "Settings") -> dict[str, Any]:
+    """Plain data for the page and for /status.json."""
+    sample = view.sample
+    processes = []
+    for info, cumulative, rate in view.processes:
+        stats = info.stats or {}
+        processes.append({
+            "id": info.id, "role": info.role, "pid": info.pid, "state": info.state, "ready": info.ready,
+            "connected": info.connected, "restarts": info.restarts, "recycles": info.recycles,
+            "rss_bytes": info.rss_bytes, "cpu_percent": round(info.cpu_percent, 1), "rate": round(rate, 2),
+            "received": int(cumulative.get("received", 0)), "handled": int(cumulative.get("handled", 0)),
+            "failed": int(cumulative.get("failed", 0)), "dead_lettered": int(cumulative.get("dead_lettered", 0)),
+            "reconnects": int(cumulative.get("reconnects", 0)), "inflight": int(stats.get("inflight", 0)),
+        })
+    routes = [{
+        "pattern": r.pattern, "rate": round(r.rate, 2), "error_rate": round(r.error_rate, 2), "received": r.received,
+        "handled": r.handled, "failed": r.failed, "dead_lettered": r.dead_lettered,
+        "rate_limited": sum(r.rate_limited.values()), "avg_ms": round(r.average_ms, 3),
+    } for r in view.routes]
+    connected = [p for p in processes if p["role"] != "supervisor"]
+    return {
+        "app": settings.app_name,
+        "mode": sample.mode,
+        "pid": sample.pid,
+        "uptime": round(sample.uptime, 1),
+        "ready": readiness["ready"],
+        "reasons": readiness["reasons"],
+        "checks": readiness["checks"],
+        "fatal": sample.fatal,
+        "broker": {
+            "host": settings.broker_host, "port": settings.broker_port, "embedded": settings.uses_embedded_broker,
+            "connected": sum(1 for p in connected if p["connected"]), "clients": len(connected),
+        },
+        "processes": processes,
+        "routes": routes,
+        "totals": {k: int(view.totals.get(k, 0)) for k in ("received", "handled", "failed", "dead_lettered", "unrouted")},
+        "backlog": dict(view.backlog),
+    }
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def _uptime(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def render_fragment(data: dict[str, Any]) -> str:
+    """The live part of the page (replaced on every refresh)."""
+    broker = data["broker"]
+    ready = "ready" if data["ready"] else "not ready"
+    reasons = "".join(f"<li>{_e(r)}</li>" for r in data["reasons"])
+    parts = [
+        f'<section class="summary" data-ready="{str(data["ready"]).lower()}">',
+        f'<p><span class="badge {"ok" if data["ready"] else "bad"}" id="ready">{ready}</span> '
+        f'{_e(data["mode"])} mode, {"supervisor " if data["mode"] == "workers" else ""}pid {_e(data["pid"])}, up {_e(_uptime(data["uptime"]))}</p>',
+        f'<p id="broker">Broker {_e(broker["host"])}:{_e(broker["port"])}'
+        f'{" (embedded)" if broker["embedded"] else ""}: '
+        f'<b>{broker["connected"]} of {broker["clients"]}</b> connection(s) up</p>',
+        f'<ul class="reasons">{reasons}</ul>' if reasons else "",
+        "</section>",
+    ]
+    t = data["totals"]
+    parts.append(
+        f'<p class="totals">received <b data-k="received">{t["received"]}</b> · handled <b data-k="handled">'
+        f'{t["handled"]}</b> · failed <b data-k="failed">{t["failed"]}</b> · dead-lettered <b data-k="dead_lettered">'
+        f'{t["dead_lettered"]}</b> · unrouted <b data-k="unrouted">{t["unrouted"]}</b></p>'
+    )
+    parts.append("<h2>Processes</h2><table id=\"processes\"><thead><tr><th>id</th><th>pid</th><th>state</th>"
+                 "<th>MQTT</th><th>restarts</th><th>RSS MB</th><th>CPU %</th><th>msg/s</th><th>received</th>"
+                 "<th>handled</th><th>failed</th><th>in flight</th></tr></thead><tbody>")
+    for p in data["processes"]:
+        mqtt = "—" if p["role"] == "supervisor" else ("up" if p["connected"] else "down")
+        parts.append(
+            f'<tr data-process="{_e(p["id"])}"><td>{_e(p["id"])}</td><td class="pid">{_e(p["pid"] or "—")}</td>'
+            f'<td class="state {"ok" if p["ready"] else "bad"}">{_e(p["state"])}</td><td class="mqtt">{mqtt}</td>'
+            f'<td class="restarts">{p["restarts"]}</td><td class="rss">{_mb(p["rss_bytes"])}</td>'
+            f'<td class="cpu">{p["cpu_percent"]:.0f}</td><td class="rate">{p["rate"]:.1f}</td>'
+            f'<td class="received">{p["received"]}</td><td class="handled">{p["handled"]}</td>'
+            f'<td class="failed">{p["failed"]}</td><td class="inflight">{p["inflight"]}</td></tr>'
+        )
+    parts.append("</tbody></table>")
+    parts.append("<h2>Routes</h2><table id=\"routes\"><thead><tr><th>route</th><th>msg/s</th><th>errors/s</th>"
+                 "<th>received</th><th>handled</th><th>failed</th><th>dead-lettered</th><th>rate-limited</th>"
+                 "<th>avg ms</th></tr></thead><tbody>")
+    for r in data["routes"]:
+        parts.append(
+            f'<tr data-route="{_e(r["pattern"])}"><td><code>{_e(r["pattern"])}</code></td>'
+            f'<td class="rate">{r["rate"]:.1f}</td><td class="error_rate">{r["error_rate"]:.1f}</td>'
+            f'<td class="received">{r["received"]}</td><td class="handled">{r["handled"]}</td>'
+            f'<td class="failed">{r["failed"]}</td><td class="dead_lettered">{r["dead_lettered"]}</td>'
+            f'<td class="rate_limited">{r["rate_limited"]}</td><td class="avg_ms">{r["avg_ms"]:.2f}</td></tr>'
+        )
+    parts.append("</tbody></table>")
+    if data["backlog"]:
+        parts.append("<h2>Backlog</h2><table id=\"backlog\"><tbody>")
+        for name, value in sorted(data["backlog"].items()):
+            parts.append(f'<tr data-backlog="{_e(name)}"><td>{_e(name)}</td><td>{_e(value)}</td></tr>')
+        parts.append("</tbody></table>")
+    if data["checks"]:
+        items = "".join(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in sorted(data["checks"].items()))
+        parts.append(f"<h2>Dependencies</h2><ul id=\"checks\">{items}</ul>")
+    return "".join(parts)
+
+
+_STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;margin-bottom:1em}th,td{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:right}
+th:first-child,td:first-child{text-align:left}.badge{padding:.1em .5em;border-radius:.3em;color:#fff}
+.badge.ok{background:#2a7}.badge.bad{background:#c33}td.bad{color:#c33}td.ok{color:#2a7}
+.meta{color:#888;font-size:12px}
+"""
+
+_SCRIPT = """
+(function () {
+  var every = %d, count = 0, live = document.getElementById('live');
+  var counter = document.getElementById('refreshes'), note = document.getElementById('live-state');
+  function tick() {
+    fetch('?fragment=1', {cache: 'no-store'}).then(function (r) {
+      if (!r.ok) { throw new Error('HTTP ' + r.status); }
+      return r.text();
+    }).then(function (text) {
+      live.innerHTML = text; count += 1; counter.textContent = count;
+      note.textContent = 'live, updated ' + new Date().toLocaleTimeString();
+    }).catch(function (e) {
+      note.textContent = 'cannot reach the server (' + e.message + '); retrying';
+    }).then(function () { setTimeout(tick, every); });
+  }
+  setTimeout(tick, every);
+})();
+"""
+
+
+def render_page(data: dict[str, Any], refresh: float = 2.0) -> str:
+    """The whole page; its script refreshes the live part every `refresh` seconds."""
+    ms = int(refresh * 1000)
+    return (
+        "<!doctype html><html><head><meta charset=\"utf-8\">"
+        f"<title>{_e(data['app'])} — status</title>"
+        f"<noscript><meta http-equiv=\"refresh\" content=\"{max(1, round(refresh))}\"></noscript>"
+        f"<style>{_STYLE}</style></head><body>"
+        f"<h1>{_e(data['app'])}</h1>"
+        f"<p class=\"meta\"><span id=\"live-state\">refreshing every {refresh:g} s</span> · updates: "
+        "<span id=\"refreshes\">0</span></p>"
+        f"<div id=\"live\">{render_fragment(data)}</div>"
+        f"<script>{_SCRIPT % ms}</script></body></html>"
+    )

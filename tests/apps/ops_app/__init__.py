@@ -1,0 +1,1 @@
+"""A small app for the operations tests: validated, rate-limited, failing and plain routes."""
