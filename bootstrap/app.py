@@ -100,7 +100,12 @@ class Application:
     def load(cls, settings: Settings, router: Router | None = None) -> "Application":
         if router is None:
             router = merge_routers(discover_routers(settings.routers_package))
-        return cls(settings, router)
+        app = cls(settings, router)
+        if settings.http_port is not None:
+            from core.metrics import metrics_hooks  # latency histograms etc. for /metrics, in every process
+
+            app.hook_factories.append(metrics_hooks)
+        return app
 
     @property
     def routes(self) -> list[Route]:
@@ -138,11 +143,17 @@ async def serve_single_process(app: Application, *, test_mode: bool = False) -> 
     runtime = app.make_runtime(app.routes)
     install_stop_signals(runtime.request_stop)
     idle_task = asyncio.create_task(stop_when_idle(runtime, settings.test_mode_idle)) if test_mode else None
+    ops = None
     try:
+        from core.http import start_for_runtime  # /health, /ready, /metrics, / when HTTP_PORT is set
+
+        ops = await start_for_runtime(settings, runtime, app.routes)
         clean = await runtime.run()
     finally:
         if idle_task is not None:
             idle_task.cancel()
+        if ops is not None:
+            await ops.stop()
         if broker is not None:
             await broker.stop()
     return 0 if clean else 1
