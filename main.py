@@ -89,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from bootstrap.app import choose_embedded_broker_port
     from core.embedded_broker import EmbeddedBrokerError
+    from core.http import OpsServerError
 
     if settings.uses_embedded_broker:
         settings = choose_embedded_broker_port(settings, port_was_set)
@@ -102,9 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if workers is not None:
             from core.worker_manager import run_supervisor
 
-            return run_supervisor(app, workers=workers or None, test_mode=args.test_mode, env_file=args.env_file)
+            from core.http import supervisor_services
+
+            return run_supervisor(app, workers=workers or None, test_mode=args.test_mode, env_file=args.env_file,
+                                  services=supervisor_services(settings))
         return asyncio.run(serve_single_process(app, test_mode=args.test_mode))
-    except EmbeddedBrokerError as exc:
+    except (EmbeddedBrokerError, OpsServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
