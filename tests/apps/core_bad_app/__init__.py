@@ -1,0 +1,1 @@
+"""A router package with a route error, for `python main.py routes` error reporting."""

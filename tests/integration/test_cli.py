@@ -1,0 +1,130 @@
+"""`python main.py` as a user runs it: routes table, help, configuration errors, embedded broker."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import BrokerTarget, ProbeFn
+from tests.support.rt_app import AppProcess, base_env, run_main
+from tests.support.servers import free_port
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_routes_prints_the_table_of_the_example_app() -> None:
+    result = run_main("routes", env=base_env())
+    assert result.returncode == 0, result.stderr
+    lines = [line.split() for line in result.stdout.splitlines() if line.strip()]
+    assert lines[0] == ["PATTERN", "SUBSCRIBES", "TO", "QOS", "SHARED", "WORKERS", "MIDDLEWARE", "HANDLER"]
+    rows = {cells[0]: cells for cells in lines[1:-1]}
+    assert rows["devices/{device_id}/status"][1:6] == ["devices/+/status", "1", "no", "-", "-"]
+    assert rows["devices/{device_id}/status"][6] == "app.controllers.device_controller.DeviceController.status"
+    assert rows["devices/{device_id}/command"][6:] == ["app.controllers.device_controller.DeviceController.command",
+                                                      "(sync)"]
+    assert rows["sensors/{sensor_id}/data"][1:6] == ["$share/workers/sensors/+/data", "1", "yes", "2",
+                                                     "TimingMiddleware"]
+    assert rows["logs/{path:#}"][1:3] == ["logs/#", "0"]
+    assert lines[-1] == ["4", "route(s)"]
+
+
+def test_routes_uses_the_group_name_and_routers_package() -> None:
+    result = run_main("routes", env=base_env(MQTT_GROUP_NAME="blue"))
+    assert "$share/blue/sensors/+/data" in result.stdout
+    result = run_main("routes", env=base_env(ROUTERS_PACKAGE="tests.apps.core_app", CORE_APP_PREFIX="pfx"))
+    assert result.returncode == 0
+    assert "pfx/work/{n}" in result.stdout and "pfx/work/+" in result.stdout
+    assert result.stdout.strip().endswith("2 route(s)")
+
+
+def test_route_error_exits_2_naming_route_and_module() -> None:
+    result = run_main("routes", env=base_env(ROUTERS_PACKAGE="tests.apps.core_bad_app"))
+    assert result.returncode == 2
+    assert "'bad/{other_id}/status'" in result.stderr
+    assert "tests.apps.core_bad_app.dup" in result.stderr
+    assert "registered twice" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    result = run_main("routes", env=base_env(ROUTERS_PACKAGE="tests.apps.no_such_package"))
+    assert result.returncode == 2
+    assert "ROUTERS_PACKAGE" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("name", "value"), [("MAX_INFLIGHT", "lots"), ("MQTT_PORT", "99999"),
+                                             ("MQTT_PROTOCOL", "6"), ("LOG_LEVEL", "loud")])
+def test_bad_setting_exits_2_naming_the_variable(name: str, value: str) -> None:
+    result = run_main(env=base_env(**{name: value}), timeout=20)
+    assert result.returncode == 2
+    assert name in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_documents_commands_and_options() -> None:
+    result = run_main("--help", env=base_env())
+    assert result.returncode == 0
+    for text in ("routes", "publish", "--workers", "--debug", "--test-mode", "--env-file", ".env.example"):
+        assert text in result.stdout
+
+
+@pytest.fixture
+def app_processes() -> Iterator[list[AppProcess]]:
+    apps: list[AppProcess] = []
+    try:
+        yield apps
+    finally:
+        for app in apps:
+            app.cleanup()
+
+
+async def test_without_mqtt_broker_the_embedded_broker_serves_the_example_app(
+        probe_factory: ProbeFn, app_processes: list[AppProcess]) -> None:
+    port = free_port()
+    app = AppProcess(base_env(EMBEDDED_BROKER_PORT=str(port), MQTT_SESSION_EXPIRY="0", APP_NAME="cli-embedded"))
+    app_processes.append(app.start())
+    await app.wait_ready()
+    assert f"embedded broker listening on 127.0.0.1:{port}" in app.output()
+
+    target = BrokerTarget("embedded", "127.0.0.1", port, v5=False)
+    probe = await probe_factory(target)
+    await probe.subscribe("dead-letter/#")
+    await probe.publish("devices/42/status", {"state": "on"})
+    await app.wait_output("device 42 reports 'on'")
+    # The shared route works on the embedded broker too; a bad reading goes to the dead letter topic.
+    await probe.publish("sensors/s1/data", {"value": "not a number"})
+    (letter,) = await probe.wait_count("dead-letter/", 1)
+    assert letter.topic == "dead-letter/sensors/s1/data"
+    assert letter.json()["error_type"] == "DeadLetter"
+    assert letter.json()["route"] == "sensors/{sensor_id}/data"
+
+    app.signal(signal.SIGTERM)
+    assert await app.wait_exit() == 0
+    assert "Traceback" not in app.output()
+
+
+async def test_embedded_broker_port_taken_prints_one_line_hint(mosquitto: Any) -> None:
+    result = run_main(env=base_env(EMBEDDED_BROKER_PORT=str(mosquitto.port)), timeout=30)
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1
+    line = error_lines[0]
+    assert str(mosquitto.port) in line and "already in use" in line
+    assert "MQTT_BROKER=127.0.0.1" in line and "EMBEDDED_BROKER_PORT=" in line
+
+
+def test_port_hint_names_a_free_port() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_main(env=base_env(EMBEDDED_BROKER_PORT=str(port)), timeout=30)
+    assert result.returncode == 2
+    suggested = int(result.stderr.rsplit("EMBEDDED_BROKER_PORT=", 1)[1].split(")")[0])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", suggested))  # the suggested port is really free
