@@ -97,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         app.settings = settings
 
     workers = args.workers
-    if workers is None and settings.worker_count is not None and app.shared_routes():
+    # `--workers` without N (0) also takes WORKER_COUNT, so `CMD ["python", "main.py", "--workers"]`
+    # in an image is sized by the environment (in a container the CPU count is the node's).
+    if not workers and settings.worker_count is not None and app.shared_routes():
         workers = settings.worker_count
     try:
         if workers is not None:
