@@ -199,21 +199,24 @@ class Dispatcher:
             endpoint.route, self.services,
         )
         started = _perf()
+        deadline: asyncio.Timeout | None = None
         try:
             if endpoint.timeout is None:
                 result = await endpoint.chain(context)
             else:
-                result = await asyncio.wait_for(endpoint.chain(context), endpoint.timeout)
+                async with asyncio.timeout(endpoint.timeout) as deadline:
+                    result = await endpoint.chain(context)
         except asyncio.CancelledError:
             raise
-        except asyncio.TimeoutError:
-            elapsed = _perf() - started
-            self._observe(endpoint, elapsed, "timeout")
-            log.error("route %r: handler timed out after %.3g s on %r", endpoint.pattern, endpoint.timeout, topic)
-            await self._dead_letter(endpoint, topic, raw, message, "Timeout", f"handler exceeded timeout={endpoint.timeout} s")
-            return
         except Exception as exc:
             elapsed = _perf() - started
+            # Only the route's deadline is a "Timeout"; a TimeoutError the handler raised itself is its error.
+            if deadline is not None and deadline.expired():
+                self._observe(endpoint, elapsed, "timeout")
+                log.error("route %r: handler timed out after %.3g s on %r", endpoint.pattern, endpoint.timeout, topic)
+                await self._dead_letter(endpoint, topic, raw, message, "Timeout",
+                                        f"handler exceeded timeout={endpoint.timeout} s")
+                return
             self._observe(endpoint, elapsed, "error")
             if isinstance(exc, DeadLetter):
                 log.warning("route %r: message on %r dead-lettered: %s", endpoint.pattern, topic, exc)
