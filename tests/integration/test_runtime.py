@@ -461,3 +461,153 @@ async def test_overlapping_filters_each_route_once_on_embedded_broker(
     async with EmbeddedBroker("127.0.0.1", 0) as embedded:
         target = BrokerTarget("embedded", embedded.host, embedded.port, v5=False)
         await overlapping_routes_run_once_each(target, serve, probe_factory, unique_id)
+
+
+# -- more failure paths ----------------------------------------------------------------------------------
+
+
+class Explode(BaseMiddleware):
+    async def handle(self, context: MessageContext, call_next: CallNext) -> Any:
+        raise LookupError("middleware failed")
+
+
+async def test_timeouts_and_middleware_errors_are_dead_lettered(
+        broker: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
+    u = unique_id
+    never = asyncio.Event()
+    reached: list[str] = []
+
+    async def slow(payload: Any) -> None:
+        await never.wait()
+
+    async def own_timeout(payload: Any) -> None:
+        raise TimeoutError("the database did not answer")  # not the route's timeout
+
+    async def guarded(payload: Any) -> None:
+        reached.append(payload)
+
+    router = Router()
+    router.on(f"{u}/slow", slow, qos=1, timeout=0.2)
+    router.on(f"{u}/own-timeout", own_timeout, qos=1)
+    router.on(f"{u}/own-timeout-with-limit", own_timeout, qos=1, timeout=30)
+    router.on(f"{u}/guarded", guarded, qos=1, middleware=[Explode()])
+    runtime = await serve(broker, router)
+    probe = await probe_factory(broker)
+    await probe.subscribe(f"dead-letter/{u}/#")
+    for name in ("slow", "own-timeout", "own-timeout-with-limit", "guarded"):
+        await probe.publish(f"{u}/{name}", "x")
+    letters = await probe.wait_count(f"dead-letter/{u}/", 4)
+
+    def error_of(topic: str) -> tuple[str, str]:
+        (m,) = [m for m in letters if m.topic == f"dead-letter/{u}/{topic}"]
+        if broker.v5:
+            return m.user_properties["error_type"], m.user_properties["error"]
+        return m.json()["error_type"], m.json()["error"]
+
+    assert error_of("slow") == ("Timeout", "handler exceeded timeout=0.2 s")
+    assert error_of("own-timeout") == ("TimeoutError", "the database did not answer")
+    assert error_of("own-timeout-with-limit") == ("TimeoutError", "the database did not answer")
+    assert error_of("guarded") == ("LookupError", "middleware failed")
+    assert reached == []
+    await wait_until(lambda: runtime.dispatcher.inflight == 0, "nothing left in flight")
+
+
+async def test_handlers_publishing_at_qos1_under_backpressure_do_not_deadlock(
+        broker: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
+    """With MAX_INFLIGHT handlers each waiting for the PUBACK of their own publish, the network
+    thread must keep reading (the PUBACKs) even though no handler slot is free."""
+    u = unique_id
+
+    async def forward(n: str, payload: Any, context: MessageContext) -> None:
+        await context.publish(f"{u}/out/{n}", payload, qos=1)
+
+    router = Router()
+    router.on(f"{u}/in/{{n}}", forward, qos=1)
+    runtime = await serve(broker, router, MAX_INFLIGHT="2")
+    probe = await probe_factory(broker)
+    await probe.subscribe(f"{u}/out/#")
+    for n in range(30):
+        await probe.publish(f"{u}/in/{n}", str(n))
+    out = await probe.wait_count(f"{u}/out/", 30)
+    assert sorted(int(m.payload) for m in out) == list(range(30))
+    await wait_until(lambda: runtime.stats.handled == 30, "30 handled")
+
+
+async def test_burst_of_qos1_messages_is_handled_once_and_fully_acknowledged(
+        broker: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
+    u = unique_id
+    total = 300 if broker.kind == "mosquitto" else 100
+    seen: list[str] = []
+    proxy = await MqttProxy(broker.host, broker.port).start()
+
+    async def handler(n: str) -> None:
+        seen.append(n)
+
+    router = Router()
+    router.on(f"{u}/b/{{n}}", handler, qos=1)
+    try:
+        runtime = await serve(broker, router, port=proxy.port, MAX_INFLIGHT="20")
+        probe = await probe_factory(broker)
+        infos = [probe.paho.publish(f"{u}/b/{n}", b"x", 1) for n in range(total)]
+        await wait_until(lambda: all(i.is_published() for i in infos), "all PUBACKs from the broker")
+        await wait_until(lambda: len(seen) >= total, f"{total} handled")
+        await wait_until(lambda: len(proxy.pubacks_out()) >= total, f"{total} PUBACKs from the runtime")
+        delivered = [p.packet_id for p in proxy.publishes_in(f"{u}/b/")]
+        assert [p.packet_id for p in proxy.pubacks_out()] == delivered  # one each, in arrival order
+        assert sorted(seen, key=int) == [str(n) for n in range(total)]
+        assert len(runtime.dispatcher.acks) == 0
+    finally:
+        await proxy.stop()
+
+
+async def test_qos2_messages_are_handled_exactly_once(broker: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn,
+                                                      unique_id: str) -> None:
+    u = unique_id
+    seen: list[str] = []
+
+    async def handler(n: str) -> None:
+        seen.append(n)
+
+    router = Router()
+    router.on(f"{u}/q2/{{n}}", handler, qos=2)
+    client_id = f"{u}-q2"
+    runtime = await serve(broker, router, MQTT_CLIENT_ID=client_id)
+    probe = await probe_factory(broker)
+    for n in range(5):
+        await probe.publish(f"{u}/q2/{n}", "x", qos=2)
+    await wait_until(lambda: len(seen) >= 5, "5 QoS 2 messages")
+    await runtime.stop()
+    # Completed: a new session with the same id gets nothing again.
+    await serve(broker, router, MQTT_CLIENT_ID=client_id)
+    await settle(probe, f"{u}/q2/marker", "m", lambda: "marker" in seen)
+    assert seen == ["0", "1", "2", "3", "4", "marker"]
+
+
+async def test_stop_while_backpressured_leaves_unstarted_messages_to_the_broker(
+        broker: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
+    u = unique_id
+    gate = asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(n: str) -> None:
+        seen.append(n)
+        await gate.wait()
+
+    router = Router()
+    router.on(f"{u}/s/{{n}}", handler, qos=1)
+    client_id = f"{u}-stop"
+    runtime = await serve(broker, router, MQTT_CLIENT_ID=client_id, MAX_INFLIGHT="1")
+    probe = await probe_factory(broker)
+    for n in range(4):
+        await probe.publish(f"{u}/s/{n}", "x")
+    await wait_until(lambda: seen == ["0"], "the first handler to start")
+    stopping = asyncio.create_task(runtime.stop())
+    await wait_until(lambda: runtime._stopping, "the stop to begin")
+    gate.set()
+    assert await asyncio.wait_for(stopping, 20) is True
+    assert seen == ["0"]
+
+    await serve(broker, router, MQTT_CLIENT_ID=client_id)
+    await wait_until(lambda: len(seen) >= 4, "the other messages in the next session")
+    await settle(probe, f"{u}/s/marker", "m", lambda: "marker" in seen)
+    assert seen[0] == "0" and sorted(seen[1:4]) == ["1", "2", "3"] and seen[4:] == ["marker"]
