@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 from collections.abc import Iterator
@@ -128,3 +129,24 @@ def test_port_hint_names_a_free_port() -> None:
     suggested = int(result.stderr.rsplit("EMBEDDED_BROKER_PORT=", 1)[1].split(")")[0])
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", suggested))  # the suggested port is really free
+
+
+async def test_publish_command_sends_one_message(mosquitto: Any, probe_factory: ProbeFn, unique_id: str) -> None:
+    target = BrokerTarget("mosquitto", mosquitto.host, mosquitto.port, v5=True)
+    probe = await probe_factory(target)
+    await probe.subscribe(f"{unique_id}/cli/#", qos=1)
+    env = base_env(MQTT_BROKER=mosquitto.host, MQTT_PORT=str(mosquitto.port), MQTT_CLIENT_ID=f"{unique_id}-cli")
+    result = await asyncio.to_thread(run_main, "publish", f"{unique_id}/cli/x", '{"a": 1}', "--qos", "1", env=env)
+    assert result.returncode == 0, result.stderr
+    (message,) = await probe.wait_count(f"{unique_id}/cli/", 1)
+    assert message.json() == {"a": 1} and message.qos == 1
+
+
+async def test_test_mode_exits_0_when_idle(mosquitto: Any, unique_id: str) -> None:
+    env = base_env(MQTT_BROKER=mosquitto.host, MQTT_PORT=str(mosquitto.port), MQTT_CLIENT_ID=f"{unique_id}-idle",
+                   MQTT_SESSION_EXPIRY="0", TEST_MODE_IDLE="0.5", ROUTERS_PACKAGE="tests.apps.core_app",
+                   CORE_APP_PREFIX=unique_id)
+    result = await asyncio.to_thread(run_main, "--test-mode", "--debug", env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "test mode: no message" in result.stderr
+    assert "DEBUG" in result.stderr  # --debug overrides LOG_LEVEL

@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
+from core.config import load_settings
 from core.router import Router
+from core.runtime import Runtime
 from tests.integration.conftest import BrokerTarget, ProbeFn, ServeFn
 from tests.support.rt_app import AppProcess, base_env, read_events
 from tests.support.rt_proxy import MqttProxy
@@ -225,3 +227,42 @@ async def test_in_flight_handler_during_broker_restart_is_redelivered_once(
     await wait_until(lambda: ("2", False) in calls, "a new message in the resumed session")
     assert calls == [("1", False), ("1", True), ("2", False)]
     assert again.client.state.session_present
+
+
+async def test_username_and_password(mosquitto_factory: Any, serve: ServeFn, probe_factory: ProbeFn,
+                                     unique_id: str, tmp_path: Path) -> None:
+    import subprocess
+
+    passwords = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "app", "s3cret"], check=True, capture_output=True)
+    passwords.chmod(0o644)
+    server = mosquitto_factory(extra_conf=f"allow_anonymous false\npassword_file {passwords}")
+    target = BrokerTarget("mosquitto", server.host, server.port, v5=True)
+    seen: list[str] = []
+
+    async def handler(payload: Any) -> None:
+        seen.append(payload)
+
+    router = Router()
+    router.on(f"{unique_id}/auth", handler, qos=1)
+    refused = Runtime(load_settings({**target.env(), "MQTT_USERNAME": "app", "MQTT_PASSWORD": "wrong",
+                                     "MQTT_CLIENT_ID": f"{unique_id}-bad", "MQTT_RECONNECT_MIN": "0.5"}), router.routes)
+    await refused.start()
+    try:
+        await wait_until(lambda: refused.client.state.last_error, "the broker to refuse the wrong password")
+        assert "authori" in str(refused.client.state.last_error).lower() or "password" in str(
+            refused.client.state.last_error).lower()
+        assert not refused.client.state.subscribed
+    finally:
+        await refused.stop()
+    await serve(target, router, MQTT_USERNAME="app", MQTT_PASSWORD="s3cret")
+    from tests.support.rt_probe import Probe
+
+    probe = Probe(server.host, server.port, f"{unique_id}-authprobe")
+    probe.paho.username_pw_set("app", "s3cret")
+    await probe.connect()
+    try:
+        await probe.publish(f"{unique_id}/auth", "hello")
+        await wait_until(lambda: seen == ["hello"], "a message with credentials")
+    finally:
+        probe.close()
