@@ -240,6 +240,15 @@ async def _announce_ready(runtime: "Runtime", link: _Link, stale: list[str]) -> 
         await runtime.client.unsubscribe(stale)
 
 
+def recycle_reason(received: int, rss: int | None, max_messages: int, max_memory_mb: int) -> str | None:
+    """Why this worker should hand over to a fresh process now, or None (limits of 0 are off)."""
+    if max_messages and received >= max_messages:
+        return f"recycling after {received} messages (WORKER_MAX_MESSAGES={max_messages})"
+    if max_memory_mb and rss is not None and received and rss > max_memory_mb * 2**20:
+        return f"recycling at {rss / 2**20:.0f} MB RSS (WORKER_MAX_MEMORY_MB={max_memory_mb})"
+    return None
+
+
 async def _tick(runtime: "Runtime", settings: Any, link: _Link, stopper: _Stopper) -> None:
     """Heartbeats with stats, and the recycling limits, checked from the event loop."""
     import psutil
@@ -248,19 +257,25 @@ async def _tick(runtime: "Runtime", settings: Any, link: _Link, stopper: _Stoppe
     proc.cpu_percent(None)
     interval = heartbeat_interval(settings.worker_heartbeat_timeout)
     max_messages = settings.worker_max_messages
-    max_rss = settings.worker_max_memory_mb * 1024 * 1024
+    max_memory_mb = settings.worker_max_memory_mb
+    baseline = proc.memory_info().rss
+    if max_memory_mb and baseline > max_memory_mb * 2**20:
+        # Recycling would only start another process just as big: a storm of restarts.
+        log.error("WORKER_MAX_MEMORY_MB=%d is below this worker's size right after start (%.0f MB); "
+                  "the memory limit is ignored", max_memory_mb, baseline / 2**20)
+        max_memory_mb = 0
     next_beat = 0.0
     while True:
-        now = time.monotonic()
-        if max_messages and runtime.stats.received >= max_messages and not stopper.event.is_set():
-            stopper(f"recycling after {runtime.stats.received} messages (WORKER_MAX_MESSAGES={max_messages})",
-                    recycle=True)
-        if now >= next_beat:
-            next_beat = now + interval
+        rss = None
+        beat = time.monotonic() >= next_beat
+        if beat:
+            next_beat = time.monotonic() + interval
             rss = proc.memory_info().rss
-            if max_rss and rss > max_rss and not stopper.event.is_set():
-                stopper(f"recycling at {rss / 2**20:.0f} MB RSS (WORKER_MAX_MEMORY_MB={settings.worker_max_memory_mb})",
-                        recycle=True)
+        if not stopper.event.is_set():
+            reason = recycle_reason(runtime.stats.received, rss, max_messages, max_memory_mb)
+            if reason is not None:
+                stopper(reason, recycle=True)
+        if beat:
             stats = runtime.stats.snapshot()
             stats["inflight"] = runtime.dispatcher.inflight
             link.send({"type": "hb", "stats": stats, "rss": rss, "cpu": proc.cpu_percent(None),

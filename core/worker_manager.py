@@ -59,9 +59,6 @@ class WorkerPlan:
     all_routes: bool  # True: each worker serves every shared route
     reason: str
 
-    def routes_for(self, shared: Sequence["Route"], index: int) -> list["Route"]:
-        return list(shared) if self.all_routes else [r for r in shared if r.worker_count > index]
-
 
 def available_cpus() -> int:
     try:
@@ -106,6 +103,7 @@ class WorkerProcess:
     started_at: float
     last_message_at: float
     heartbeats: int = 0
+    hello: bool = False  # the process reached worker code (and handles stop signals itself)
     ready: bool = False
     session_present: bool | None = None
     stats: dict[str, Any] = field(default_factory=dict)
@@ -377,7 +375,9 @@ class WorkerManager:
             return
         proc.last_message_at = time.monotonic()
         kind = message.get("type")
-        if kind == "hb":
+        if kind == "hello":
+            proc.hello = True
+        elif kind == "hb":
             proc.heartbeats += 1
             proc.stats = message.get("stats") or {}
             proc.rss = int(message.get("rss") or 0)
@@ -424,6 +424,8 @@ class WorkerManager:
             proc = slot.current
             if proc is None:
                 continue
+            if proc.reader_open:
+                self._read(slot, proc)  # if this loop was busy, heartbeats wait in the pipe: count them first
             if proc.process.exitcode is not None:
                 self._on_exit(slot, proc)
                 continue
@@ -442,7 +444,7 @@ class WorkerManager:
         slot.last_exit = proc.kill_reason or what
         if self._stopping:
             return
-        if code == 0 and (self.test_mode or proc.stopping == "test mode: idle"):
+        if code == 0 and self.test_mode:
             slot.state = STOPPED
             log.info("worker %s (pid %d) finished (test mode)", slot.worker_id, proc.pid)
             return
@@ -544,12 +546,15 @@ class WorkerManager:
             except Exception:
                 log.exception("could not check for a session of %s", client_id)
                 return False
+            if found is None:
+                return clean
             clean = clean and ok
             misses = 0 if found else misses + 1
             index += 1
         return clean
 
-    async def _drain_parked(self, client_id: str, index: int) -> tuple[bool, bool]:
+    async def _drain_parked(self, client_id: str, index: int) -> tuple[bool | None, bool]:
+        """(session found, drained cleanly); found is None if we could not connect."""
         settings = self.settings
         shared = self.app.shared_routes()
         group = settings.mqtt_group_name
@@ -557,10 +562,12 @@ class WorkerManager:
         runtime.client.subscriptions = []  # join no group; a resumed session brings its own subscriptions
         runtime.subscriptions = []
         await runtime.start()
-        if not await runtime.wait_ready(timeout=10):
-            log.warning("could not connect as %s to look for parked messages; they stay in its session", client_id)
+        if not await self._wait_ready_or_stop(runtime, timeout=10):
+            if not self._stopping:
+                log.warning("could not connect as %s to look for messages parked by a run with more workers; "
+                            "they stay in its session until the next start", client_id)
             await runtime.stop()
-            return False, False
+            return None, True
         present = runtime.client.state.session_present
         info = {"session_present": present, "handled": 0, "state": "draining" if present else "none"}
         self._parked[client_id] = info
@@ -585,6 +592,13 @@ class WorkerManager:
         else:
             self._parked.pop(client_id, None)
         return present, clean
+
+    async def _wait_ready_or_stop(self, runtime: "Runtime", timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._stopping and time.monotonic() < deadline:
+            if await runtime.wait_ready(timeout=0.2):
+                return True
+        return False
 
     async def _wait_idle(self, runtime: "Runtime") -> None:
         last_count, last_change = -1, time.monotonic()
@@ -628,15 +642,19 @@ class WorkerManager:
                 _kill(proc.process)
                 proc.process.join(5)
             code = proc.process.exitcode
+            if proc.reader_open:
+                self._read(slot, proc)
             if proc is slot.current:
-                slot.final_clean = code == 0
-                slot.last_exit = describe_exit(code)
+                # SIGTERM before the worker code ran (still importing) ends a process that never took a message.
+                slot.final_clean = code == 0 or (code == -signal.SIGTERM and not proc.hello)
+                slot.last_exit = describe_exit(code) if proc.hello else f"{describe_exit(code)} while starting"
                 log.info("worker %s (pid %d) stopped: %s", slot.worker_id, proc.pid, slot.last_exit)
                 self._retire(slot, proc)
                 slot.current = None
             else:
                 self._discard(proc)
             slot.successor = None if proc is slot.successor else slot.successor
+        for slot in self.slots:
             slot.state = STOPPED
         if self._main_task is not None:
             try:
