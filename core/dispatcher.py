@@ -70,6 +70,7 @@ class Dispatcher:
         self._use_subscription_ids = use_subscription_ids
         self._on_complete = on_complete
         self._max_payload = settings.max_payload_bytes
+        self._slots = asyncio.Semaphore(settings.max_inflight)
         self._accepting = True
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: asyncio.Event | None = None
@@ -162,16 +163,20 @@ class Dispatcher:
             topic = ""
         raw: bytes = message.payload
         try:
-            if not topic:
-                await self._dead_letter(None, "<invalid UTF-8 topic>", raw, message, "TopicError", "topic is not valid UTF-8")
-            else:
-                levels = topic.split("/")
-                targets = self._resolve(topic, levels, message)
-                if not targets:
-                    self.stats.unrouted += 1
-                    await self._dead_letter(None, topic, raw, message, "NoRoute", "no route matches this topic")
-                for endpoint, params in targets:
-                    await self._run(endpoint, topic, params, raw, message)
+            # The network thread has to keep reading while handlers wait for the PUBACKs of their
+            # own publishes, so intake alone cannot bound the handlers: this does.
+            async with self._slots:
+                if not topic:
+                    await self._dead_letter(None, "<invalid UTF-8 topic>", raw, message, "TopicError",
+                                            "topic is not valid UTF-8")
+                else:
+                    levels = topic.split("/")
+                    targets = self._resolve(topic, levels, message)
+                    if not targets:
+                        self.stats.unrouted += 1
+                        await self._dead_letter(None, topic, raw, message, "NoRoute", "no route matches this topic")
+                    for endpoint, params in targets:
+                        await self._run(endpoint, topic, params, raw, message)
         except asyncio.CancelledError:
             raise  # shutdown gave up on this message: no ack, the broker redelivers it
         except Exception:
