@@ -407,6 +407,44 @@ async def test_max_inflight_bounds_concurrent_handlers(broker: BrokerTarget, ser
     assert sorted(done, key=int) == [str(n) for n in range(total)]
 
 
+async def test_max_inflight_holds_while_handlers_wait_for_their_own_publishes(
+        broker: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
+    """The network thread must keep reading while handlers wait for PUBACKs of their publishes;
+    that must not let more than MAX_INFLIGHT handlers run (QoS 0 input: no Receive Maximum helps)."""
+    u = unique_id
+    limit, total = 2, 12
+    running: set[str] = set()
+    peak = [0]
+    published: list[str] = []
+    done: list[str] = []
+    release = asyncio.Event()
+
+    async def work(n: str, context: MessageContext) -> None:
+        running.add(n)
+        peak[0] = max(peak[0], len(running))
+        await context.publish(f"{u}/side/{n}", "x", qos=1)
+        published.append(n)
+        await release.wait()
+        running.discard(n)
+        done.append(n)
+
+    router = Router()
+    router.on(f"{u}/load/{{n}}", work, qos=0)
+    await serve(broker, router, MAX_INFLIGHT=str(limit))
+    watcher = await probe_factory(broker)
+    await watcher.subscribe(f"{u}/load/#", qos=0)
+    probe = await probe_factory(broker)
+    for n in range(total):
+        await probe.publish(f"{u}/load/{n}", str(n), qos=0)
+    await wait_until(lambda: len(published) == limit, f"{limit} handlers past their publish")
+    await watcher.wait_count(f"{u}/load/", total)
+    await asyncio.sleep(0.3)  # room for a missing limit to show (not an assertion on time)
+    assert peak[0] == limit
+    release.set()
+    await wait_until(lambda: len(done) == total, f"all {total} messages handled")
+    assert peak[0] == limit
+
+
 # -- overlapping routes -----------------------------------------------------------------------------------
 
 
