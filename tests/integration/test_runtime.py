@@ -649,3 +649,60 @@ async def test_stop_while_backpressured_leaves_unstarted_messages_to_the_broker(
     await wait_until(lambda: len(seen) >= 4, "the other messages in the next session")
     await settle(probe, f"{u}/s/marker", "m", lambda: "marker" in seen)
     assert seen[0] == "0" and sorted(seen[1:4]) == ["1", "2", "3"] and seen[4:] == ["marker"]
+
+
+async def test_stale_subscription_of_an_older_app_version_runs_no_wrong_route(
+        mosquitto: Any, serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
+    """v1 subscribed `x/+` with id 1 in a persistent session; v2 gives id 1 to `a/+`. A message on
+    `x/...` still arrives (the broker keeps v1's subscription) and must not run v2's `a/+` route."""
+    u = unique_id
+    target = BrokerTarget("mosquitto", mosquitto.host, mosquitto.port, v5=True)
+    ran: list[str] = []
+
+    async def old(topic: str) -> None:
+        ran.append(f"old:{topic}")
+
+    async def new(topic: str) -> None:
+        ran.append(f"new:{topic}")
+
+    v1 = Router()
+    v1.on(f"{u}/x/{{id}}", old, qos=1)
+    client_id = f"{u}-versions"
+    first = await serve(target, v1, MQTT_CLIENT_ID=client_id, MQTT_SESSION_EXPIRY="30")
+    await first.stop()
+
+    v2 = Router()
+    v2.on(f"{u}/a/{{id}}", new, qos=1)
+    second = await serve(target, v2, MQTT_CLIENT_ID=client_id, MQTT_SESSION_EXPIRY="30")
+    probe = await probe_factory(target)
+    await probe.subscribe(f"dead-letter/{u}/#")
+    await probe.publish(f"{u}/x/1", "stale")
+    (letter,) = await probe.wait_count(f"dead-letter/{u}/x/", 1)
+    assert letter.user_properties["error_type"] == "NoRoute"
+    await settle(probe, f"{u}/a/2", "m", lambda: f"new:{u}/a/2" in ran)
+    assert ran == [f"new:{u}/a/2"]
+    assert second.stats.unrouted == 1
+    await second.stop(session_expiry=0)
+
+
+async def test_failures_on_the_dead_letter_topic_are_not_dead_lettered_again(
+        broker: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
+    u = unique_id
+    calls: list[str] = []
+
+    async def fails(topic: str) -> None:
+        calls.append(topic)
+        raise RuntimeError("always")
+
+    router = Router()
+    router.on(f"{u}/in", fails, qos=1)
+    router.on(f"dead-letter/{u}/#", fails, qos=1)  # an app that consumes its own dead letters, badly
+    runtime = await serve(broker, router)
+    probe = await probe_factory(broker)
+    await probe.subscribe(f"dead-letter/{u}/#")
+    await probe.publish(f"{u}/in", "x")
+    await wait_until(lambda: len(calls) >= 2, "the dead letter to be handled")
+    await settle(probe, f"{u}/in", "y", lambda: len(calls) >= 4)
+    assert calls == [f"{u}/in", f"dead-letter/{u}/in"] * 2
+    assert len(probe.on(f"dead-letter/{u}/")) == 2
+    assert runtime.stats.dead_lettered == 4
