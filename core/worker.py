@@ -161,9 +161,9 @@ async def _serve(spec: WorkerSpec, conn: Connection, early: list[int]) -> int:
     link.on_stop = stopper
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, lambda s=sig: stopper(f"{signal.Signals(s).name} received; stopping gracefully"))
+        loop.add_signal_handler(sig, lambda s=sig: stopper(f"{signal.Signals(s).name} received"))
     for signum in early:
-        stopper(f"{signal.Signals(signum).name} received during startup; stopping")
+        stopper(f"{signal.Signals(signum).name} received during startup")
     link.send({"type": "hello", "pid": os.getpid()})
     link.watch()
 
@@ -206,7 +206,7 @@ async def _serve(spec: WorkerSpec, conn: Connection, early: list[int]) -> int:
                 idle.add_done_callback(lambda t: t.cancelled() or stopper("test mode: idle"))
                 background.append(idle)
         await stopper.event.wait()
-        log.info("%s", stopper.reason)
+        log.info("%s; stopping gracefully", stopper.reason)
         link.send({"type": "recycling" if stopper.recycle else "stopping", "reason": stopper.reason})
         for task in background:
             task.cancel()
@@ -232,12 +232,12 @@ async def _first(*awaitables: Any) -> None:
 async def _announce_ready(runtime: "Runtime", link: _Link, stale: list[str]) -> None:
     await runtime.wait_ready()
     state = runtime.client.state
-    link.send({"type": "ready", "session_present": state.session_present,
-               "subscriptions": len(runtime.client.subscriptions)})
     if stale and state.session_present:
         # A resumed session may still hold filters this worker no longer serves (a route's
         # worker_count went down): leave those groups so the broker stops dealing them to us.
         await runtime.client.unsubscribe(stale)
+    link.send({"type": "ready", "session_present": state.session_present,
+               "subscriptions": len(runtime.client.subscriptions)})
 
 
 def recycle_reason(received: int, rss: int | None, max_messages: int, max_memory_mb: int) -> str | None:

@@ -499,3 +499,26 @@ def test_workers_on_the_embedded_broker(harness: Any, tmp_path: Path) -> None:
     assert set(split) == {"w0", "w1"} and min(split.values()) >= 0.3 * len(expected), split
     app.signal(signal.SIGTERM)
     assert app.wait() == 0
+
+
+def test_a_worker_leaves_the_group_of_a_route_whose_worker_count_went_down(
+    broker: MosquittoServer, harness: Any, tmp_path: Path
+) -> None:
+    records = Records(tmp_path / "records.txt")
+    first = harness(app_env(tmp_path, broker.port, SEQAPP_WORKER_COUNT="2", SEQAPP_WORKER_COUNT2="2"), "--workers")
+    first.wait_ready(2)
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+    # seq2/in now wants one subscriber; w1's resumed session still holds its $share subscription.
+    second = harness(app_env(tmp_path, broker.port, SEQAPP_WORKER_COUNT="2", SEQAPP_WORKER_COUNT2="1"), "--workers")
+    second.wait_ready(2)
+    publisher = Publisher(broker.port)
+    expected = range(400)
+    publisher.publish(expected, topic="seq2/in")
+    publisher.close()
+    seqs = records.wait_handled(expected)
+    lost, duplicates = report("worker_count 2 -> 1", seqs, expected)
+    assert lost == 0 and duplicates == 0
+    assert {worker for worker, _, _ in records.lines()} == {"w0"}
+    second.signal(signal.SIGTERM)
+    assert second.wait() == 0

@@ -1,7 +1,8 @@
 """Routes of the worker test app, configured through environment variables.
 
 SEQAPP_RECORD       file that gets one line `<worker_id> <pid> <seq>` per handled message
-SEQAPP_WORKER_COUNT worker_count of the shared route (default 1)
+SEQAPP_WORKER_COUNT worker_count of the shared route `seq/in` (default 1)
+SEQAPP_WORKER_COUNT2 worker_count of the second shared route `seq2/in` (default 1)
 SEQAPP_DELAY        seconds each handler awaits before recording (default 0)
 SEQAPP_BLOCK_SEQ    this sequence number blocks the event loop forever, once (SEQAPP_MARKER remembers)
 SEQAPP_CRASH_SEQ    this sequence number kills the process, every time it is handled
@@ -53,4 +54,6 @@ async def handle_plain(payload: str, context: MessageContext) -> None:
 router = Router()
 router.on("seq/in", handle_shared, qos=1, shared=True, payload_format="text",
           worker_count=int(os.environ.get("SEQAPP_WORKER_COUNT", "1") or 1))
+router.on("seq2/in", handle_shared, qos=1, shared=True, payload_format="text",
+          worker_count=int(os.environ.get("SEQAPP_WORKER_COUNT2", "1") or 1))
 router.on("plain/in", handle_plain, qos=1, payload_format="text")
