@@ -215,9 +215,9 @@ async def _serve(spec: WorkerSpec, conn: Connection, early: list[int]) -> int:
         ticker.cancel()
     link.send({"type": "bye", "clean": clean, "stats": runtime.stats.snapshot(), "reason": stopper.reason})
     link.close()
-    if stopper.recycle:
-        return EXIT_RECYCLE
-    return EXIT_OK if clean else EXIT_FAILED
+    if not clean:
+        return EXIT_FAILED
+    return EXIT_RECYCLE if stopper.recycle else EXIT_OK
 
 
 async def _first(*awaitables: Any) -> None:

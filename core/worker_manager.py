@@ -646,7 +646,8 @@ class WorkerManager:
                 self._read(slot, proc)
             if proc is slot.current:
                 # SIGTERM before the worker code ran (still importing) ends a process that never took a message.
-                slot.final_clean = code == 0 or (code == -signal.SIGTERM and not proc.hello)
+                # A worker that was recycling when the stop came drained as well (exit 75).
+                slot.final_clean = code in (0, EXIT_RECYCLE) or (code == -signal.SIGTERM and not proc.hello)
                 slot.last_exit = describe_exit(code) if proc.hello else f"{describe_exit(code)} while starting"
                 log.info("worker %s (pid %d) stopped: %s", slot.worker_id, proc.pid, slot.last_exit)
                 self._retire(slot, proc)
