@@ -193,6 +193,7 @@ class WorkerManager:
         self._main_runtime: "Runtime | None" = None
         self._main_task: asyncio.Task[bool] | None = None
         self._parked_task: asyncio.Task[bool] | None = None
+        self._idle_task: asyncio.Task[None] | None = None
         self._parked: dict[str, dict[str, Any]] = {}
         self._main_clean = True
         self._parked_clean = True
@@ -308,7 +309,7 @@ class WorkerManager:
         if self.test_mode:
             from bootstrap.app import stop_when_idle
 
-            asyncio.create_task(stop_when_idle(runtime, self.settings.test_mode_idle))
+            self._idle_task = asyncio.create_task(stop_when_idle(runtime, self.settings.test_mode_idle))
 
     async def _supervise(self) -> None:
         assert self._wake is not None
@@ -630,6 +631,8 @@ class WorkerManager:
                     os.kill(proc.process.pid, signal.SIGTERM)  # type: ignore[arg-type]
                 except ProcessLookupError:
                     pass
+        if self._idle_task is not None:
+            self._idle_task.cancel()
         if self._main_runtime is not None:
             self._main_runtime.request_stop()
         deadline = time.monotonic() + self.settings.shutdown_timeout + STOP_GRACE
