@@ -46,6 +46,8 @@ def discover_routers(package: str) -> list[tuple[str, Router]]:
             continue
         if not isinstance(router, Router):
             raise DiscoveryError(f"router module {name}: `router` is a {type(router).__name__}, not a core.router.Router")
+        if any(router is seen for _, seen in found):
+            continue  # a module that imported another module's router to extend it: merge it once
         found.append((name, router))
     return found
 
