@@ -55,6 +55,13 @@ def test_route_error_exits_2_naming_route_and_module() -> None:
     assert "ROUTERS_PACKAGE" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_router_imported_by_a_second_module_is_merged_once() -> None:
+    result = run_main("routes", env=base_env(ROUTERS_PACKAGE="tests.apps.core_reexport_app"))
+    assert result.returncode == 0, result.stderr
+    assert "reexport/+/status" in result.stdout and "reexport/+/command" in result.stdout
+    assert result.stdout.strip().endswith("2 route(s)")
+
+
 @pytest.mark.parametrize(("name", "value"), [("MAX_INFLIGHT", "lots"), ("MQTT_PORT", "99999"),
                                              ("MQTT_PROTOCOL", "6"), ("LOG_LEVEL", "loud")])
 def test_bad_setting_exits_2_naming_the_variable(name: str, value: str) -> None:
