@@ -266,3 +266,23 @@ async def test_username_and_password(mosquitto_factory: Any, serve: ServeFn, pro
         await wait_until(lambda: seen == ["hello"], "a message with credentials")
     finally:
         probe.close()
+
+
+async def test_starts_before_the_broker_and_stops_cleanly_while_disconnected(
+        mosquitto_factory: Any, core_app: AppFactory, probe_factory: ProbeFn, unique_id: str, tmp_path: Path) -> None:
+    from tests.support.servers import free_port
+
+    port = free_port()
+    app = core_app(port)
+    await app.wait_output("cannot connect")  # retrying with backoff, not crashing
+    server = mosquitto_factory(port=port)
+    await app.wait_ready()
+    probe = await probe_factory(BrokerTarget("mosquitto", server.host, server.port, v5=True))
+    await probe.publish(f"{unique_id}/work/1", {})
+    await wait_until(has(tmp_path, "done", "1"), "a message once the broker is up")
+
+    await asyncio.to_thread(server.stop)
+    await app.wait_output("reconnecting in")
+    app.signal(signal.SIGTERM)
+    assert await app.wait_exit(timeout=20) == 0, app.output()
+    assert "Traceback" not in app.output()
