@@ -706,3 +706,30 @@ async def test_failures_on_the_dead_letter_topic_are_not_dead_lettered_again(
     assert calls == [f"{u}/in", f"dead-letter/{u}/in"] * 2
     assert len(probe.on(f"dead-letter/{u}/")) == 2
     assert runtime.stats.dead_lettered == 4
+
+
+async def test_shared_route_splits_messages_between_runtimes(broker: BrokerTarget, serve: ServeFn,
+                                                             probe_factory: ProbeFn, unique_id: str) -> None:
+    u = unique_id
+    got: dict[str, list[str]] = {"a": [], "b": []}
+
+    def router_for(name: str) -> Router:
+        async def handler(n: str) -> None:
+            got[name].append(n)
+
+        router = Router()
+        router.on(f"{u}/sh/{{n}}", handler, qos=1, shared=True, worker_count=2)
+        return router
+
+    await serve(broker, router_for("a"), MQTT_GROUP_NAME=f"g{u}")
+    await serve(broker, router_for("b"), MQTT_GROUP_NAME=f"g{u}")
+    probe = await probe_factory(broker)
+    total = 20
+    for n in range(total):
+        await probe.publish(f"{u}/sh/{n}", "x")
+    await wait_until(lambda: len(got["a"]) + len(got["b"]) >= total, f"{total} messages handled")
+    await probe.publish(f"{u}/sh/marker", "m")
+    await wait_until(lambda: "marker" in got["a"] + got["b"], "the marker")
+    handled = sorted(got["a"] + got["b"])
+    assert handled == sorted([str(n) for n in range(total)] + ["marker"])  # each exactly once
+    assert got["a"] and got["b"]  # both members of the group get work
