@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-process", action="store_true", help="skip the `python main.py` run")
     args = parser.parse_args(argv)
 
+    load = "/".join(f"{v:.1f}" for v in os.getloadavg())  # 1/5/15 min: how shared the machine was
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.max_inflight}, max_queued_messages {max_queued:,}, otherwise defaults), MQTT 5, "
         f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, paho-mqtt {version('paho-mqtt')}; "
         f"framework MAX_INFLIGHT {args.max_inflight}, trivial async handler; median of {args.repeat} "
-        f"(ratios: median of each run's ratio).\n"
+        f"(ratios: median of each run's ratio); load average at start {load}.\n"
         f"QoS 1 drain of a {args.count:,}-message backlog (first to last message); QoS 0 flood of "
         f"{args.count:,} from another process; latency: {args.live_count:,} messages at {args.rate:,.0f} msgs/s, "
         f"publish to handler; payload {args.payload_size} B. QoS 1 messages lost: {lost}.\n"

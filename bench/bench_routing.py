@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
 
+    load = "/".join(f"{v:.1f}" for v in os.getloadavg())  # 1/5/15 min: how shared the machine was
     runs: list[list[Result]] = []
     for run in range(args.runs):
         print(f"run {run + 1}/{args.runs}", file=sys.stderr, flush=True)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"Route matching, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs; median of {args.runs} runs, "
         f"each the best of {args.repeat} turns over {args.topics:,} topics (10% unrouted). "
-        f"Build = Router.on for every route + RouteTable.\n"
+        f"Build = Router.on for every route + RouteTable. Load average at start {load}.\n"
     )
     print(format_table(medians))
     ratios = [run[-1].lookup_us / run[0].lookup_us for run in runs]

@@ -1,0 +1,79 @@
+"""Each benchmark in bench/ still runs end to end with tiny counts and prints its table.
+
+Speed is not asserted here (that is what the benchmarks report); what is asserted is that every
+message was handled and the markdown table came out, so the benchmarks do not rot.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.servers import MOSQUITTO_BIN
+
+ROOT = Path(__file__).resolve().parent.parent
+
+needs_mosquitto = pytest.mark.skipif(not os.access(MOSQUITTO_BIN, os.X_OK), reason=f"{MOSQUITTO_BIN} is not installed")
+
+
+def run_bench(module: str, *args: str, timeout: float = 100) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{module} exited with {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def table_rows(output: str) -> list[list[str]]:
+    """The cells of every markdown table row, separator rows left out."""
+    rows = []
+    for line in output.splitlines():
+        if line.startswith("|") and not re.fullmatch(r"\|[-:|]+\|", line):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_bench_routing_prints_a_row_per_size() -> None:
+    out = run_bench("bench.bench_routing", "--sizes", "10,200", "--runs", "1", "--repeat", "2", "--topics", "50")
+    rows = table_rows(out)
+    assert rows[0][0] == "routes"
+    assert [r[0] for r in rows[1:]] == ["10", "200"]
+    # 9 of every 10 sampled topics hit exactly one route.
+    assert all(r[-1] == "0.90" for r in rows[1:])
+    assert "200 routes vs 10:" in out
+
+
+@pytest.mark.integration
+@needs_mosquitto
+def test_bench_core_drains_everything_and_prints_ratios() -> None:
+    out = run_bench("bench.bench_core", "--count", "300", "--live-count", "60", "--rate", "300", "--repeat", "1")
+    assert "QoS 1 messages lost: 0." in out
+    rows = {r[0]: r[1:] for r in table_rows(out)}
+    for label in ("QoS 1 drain, msgs/s", "QoS 0 live flood, received msgs/s", "QoS 1 latency p99, ms",
+                  "`python main.py` RSS idle (subscribed), MB"):
+        assert label in rows, f"row {label!r} missing from:\n{out}"
+    drain = rows["QoS 1 drain, msgs/s"]
+    assert float(drain[0].replace(",", "")) > 0 and float(drain[1].replace(",", "")) > 0
+    assert float(drain[2]) > 0  # framework / raw
+    assert float(rows["`python main.py` RSS idle (subscribed), MB"][1]) > 0
+
+
+@pytest.mark.integration
+@needs_mosquitto
+def test_bench_workers_runs_one_and_two_workers() -> None:
+    pytest.importorskip("core.worker_manager")
+    out = run_bench("bench.bench_workers", "--count", "150", "--live-count", "30", "--rate", "100", "--repeat", "1",
+                    "--work-ms", "0.2")
+    rows = table_rows(out)
+    assert rows[0][0] == "workers"
+    by_workers = {r[0]: r for r in rows[1:]}
+    assert set(by_workers) == {"1", "2"}
+    assert by_workers["1"][3] == "100%"
+    assert len(by_workers["2"][3].split(" / ")) == 2  # both workers took a share
+    for row in by_workers.values():
+        assert row[-1] == "0", f"the app did not exit 0: {row}"
