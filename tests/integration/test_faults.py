@@ -286,3 +286,27 @@ async def test_starts_before_the_broker_and_stops_cleanly_while_disconnected(
     app.signal(signal.SIGTERM)
     assert await app.wait_exit(timeout=20) == 0, app.output()
     assert "Traceback" not in app.output()
+
+
+@pytest.mark.slow
+async def test_a_handler_blocking_the_event_loop_does_not_starve_keepalive(
+        mosquitto: Any, serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
+    """paho's network thread answers keepalive on its own: a handler that (wrongly) blocks the loop
+    for longer than 1.5 × keepalive does not get the connection dropped by the broker."""
+    import time
+
+    u = unique_id
+    target = BrokerTarget("mosquitto", mosquitto.host, mosquitto.port, v5=True)
+    done: list[str] = []
+
+    async def hog(payload: Any) -> None:
+        time.sleep(8.5)  # > 1.5 × MQTT_KEEPALIVE (5 s): the broker would drop a silent client
+        done.append(payload)
+
+    router = Router()
+    router.on(f"{u}/hog", hog, qos=1)
+    runtime = await serve(target, router, MQTT_KEEPALIVE="5")
+    probe = await probe_factory(target)
+    await probe.publish(f"{u}/hog", "x")
+    await wait_until(lambda: done == ["x"], "the blocking handler", timeout=30)
+    assert runtime.client.state.connects == 1 and runtime.client.state.disconnects == 0
