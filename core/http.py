@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
 from core.config import Settings
-from core.metrics import Aggregator, RuntimeSource, StatusSource, SupervisorSource, render_metrics
+from core.metrics import Aggregator, RuntimeSource, StatusSource, SupervisorSource, SystemView, render_metrics
 from core.status_page import render_fragment, render_page, status_data
 
 if TYPE_CHECKING:
@@ -214,8 +214,9 @@ class DatabaseCheck(ReadinessCheck):
 def default_checks(settings: Settings) -> list[ReadinessCheck]:
     """Redis when ENABLE_REDIS is on; the database when DATABASE_URL is set (settings of issue 4)."""
     checks: list[ReadinessCheck] = []
-    if getattr(settings, "enable_redis", False) and getattr(settings, "redis_url", None):
-        checks.append(RedisCheck(settings.redis_url))  # type: ignore[attr-defined]
+    redis_url = getattr(settings, "redis_url", None)
+    if getattr(settings, "enable_redis", False) and redis_url:
+        checks.append(RedisCheck(redis_url))
     database_url = getattr(settings, "database_url", None)
     if database_url and getattr(settings, "enable_database", True):
         checks.append(DatabaseCheck(database_url))
@@ -308,8 +309,8 @@ class OpsServer:
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
 
-    async def readiness(self) -> dict[str, Any]:
-        view = self.aggregator.collect()
+    async def readiness(self, view: SystemView | None = None) -> dict[str, Any]:
+        view = view or self.aggregator.collect()
         checks = await self.run_checks()
         reasons: list[str] = []
         sample = view.sample
@@ -348,8 +349,8 @@ class OpsServer:
         return Response(200, body, content_type)
 
     async def _status(self) -> dict[str, Any]:
-        readiness = await self.readiness()
-        return status_data(self.aggregator.collect(), readiness, self.settings)
+        view = self.aggregator.collect()
+        return status_data(view, await self.readiness(view), self.settings)
 
     async def _status_json(self, request: Request) -> Response:
         return Response.json(await self._status())

@@ -201,7 +201,8 @@ class SupervisorSource:
         main = snap.get("main")
         if main is not None:
             stats = dict(main.get("stats") or {})
-            mqtt = stats.get("mqtt") if isinstance(stats.get("mqtt"), dict) else {}
+            raw_mqtt = stats.get("mqtt")
+            mqtt: dict[str, Any] = raw_mqtt if isinstance(raw_mqtt, dict) else {}
             up = bool(main.get("connected")) and bool(mqtt.get("subscribed", main.get("connected")))
             state = "stopping" if snap["state"] == "stopping" else ("running" if up else "connecting")
             processes.append(ProcessInfo("main", "main", snap["pid"], state, up, bool(main.get("connected")),
@@ -211,14 +212,15 @@ class SupervisorSource:
             processes.append(ProcessInfo("main", "supervisor", snap["pid"], snap["state"], True, False,
                                          rss_bytes=rss, cpu_percent=cpu))
         for w in snap["workers"]:
-            stats = w.get("stats") or {}
-            mqtt = stats.get("mqtt")
-            subscribed = bool(mqtt["subscribed"]) if isinstance(mqtt, dict) else bool(w["ready"] and w["connected"])
+            worker_stats: dict[str, Any] = w.get("stats") or {}
+            worker_mqtt = worker_stats.get("mqtt")
+            subscribed = (bool(worker_mqtt["subscribed"]) if isinstance(worker_mqtt, dict)
+                          else bool(w["ready"] and w["connected"]))
             processes.append(ProcessInfo(
                 w["worker_id"], "worker", w["pid"], w["state"],
                 ready=w["state"] == "running" and w["connected"] and subscribed and w["ready"],
                 connected=bool(w["connected"]), restarts=int(w["restarts"]), recycles=int(w.get("recycles", 0)),
-                rss_bytes=int(w["rss_bytes"] or 0), cpu_percent=float(w["cpu_percent"] or 0.0), stats=stats,
+                rss_bytes=int(w["rss_bytes"] or 0), cpu_percent=float(w["cpu_percent"] or 0.0), stats=worker_stats,
             ))
         return SystemSample("workers", snap["pid"], float(snap["uptime"]), snap["state"] == "stopping", snap["fatal"],
                             processes)
@@ -472,5 +474,5 @@ def render_metrics(aggregator: Aggregator, prefix: str = "mqtt_app") -> tuple[by
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AppCollector(aggregator, prefix))  # type: ignore[arg-type]
+    registry.register(AppCollector(aggregator, prefix))
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -177,7 +177,7 @@ _FORWARDED = ("ResponseTopic", "CorrelationData", "UserProperty", "ContentType",
 
 
 def _to_properties(properties: Mapping[str, Any] | None) -> Properties:
-    props = Properties(PacketTypes.PUBLISH)
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     for key, value in (properties or {}).items():
         if value is None:
             continue
@@ -197,7 +197,7 @@ def _to_properties(properties: Mapping[str, Any] | None) -> Properties:
 
 
 def _copy_properties(source: Properties, subscription_id: int) -> Properties:
-    props = Properties(PacketTypes.PUBLISH)
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     for name in _FORWARDED:
         value = getattr(source, name, None)
         if value not in (None, []):
