@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 from core.backoff import backoff_delay
 from core.config import SETTING_NAMES, Settings, load_settings
@@ -724,10 +724,10 @@ async def _end_session_311(settings: Settings, client_id: str) -> None:
     await client.stop()
 
 
-def _settings_overrides(settings: Settings) -> dict[str, Any]:
+def _settings_overrides(settings: Settings, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Settings that differ from what a worker would read from the environment it inherits."""
     try:
-        from_env = load_settings(os.environ)
+        from_env = load_settings(os.environ if env is None else env)
     except Exception:  # the supervisor's settings came from elsewhere: pass them all
         return {name: getattr(settings, name) for name in SETTING_NAMES}
     return {name: getattr(settings, name) for name in SETTING_NAMES if getattr(settings, name) != getattr(from_env, name)}
