@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,14 +168,23 @@ def _publish(broker: Broker, topic: str, n: int, rate: float | None, payload_siz
 
 
 def _wait_handled(app: WorkersApp, tally: Tally, job: str, n: int, publisher: subprocess.Popen[str],
-                  rss_peak: dict[str, int], timeout: float, idle: float = 10.0) -> None:
+                  rss_peak: dict[str, int], timeout: float, idle: float = 10.0,
+                  snapshot: Callable[[], _CpuSnapshot] | None = None) -> tuple[_CpuSnapshot, int, _CpuSnapshot] | None:
+    """Poll until `n` messages of `job` were handled, tracking peak RSS.
+
+    With `snapshot`, returns (snapshot at the first poll that saw messages handled, how many had
+    been handled by then, snapshot at the end): CPU use measured while the workers were busy.
+    """
     deadline = time.monotonic() + timeout
     last_count, last_change = -1, time.monotonic()
+    first: tuple[_CpuSnapshot, int] | None = None
     while True:
         tally.poll()
+        count = tally.count(job)
+        if snapshot is not None and first is None and count > 0:
+            first = (snapshot(), count)
         for wid, rss in app.rss().items():
             rss_peak[wid] = max(rss_peak.get(wid, 0), rss)
-        count = tally.count(job)
         now = time.monotonic()
         if count >= n:
             break
@@ -185,9 +194,13 @@ def _wait_handled(app: WorkersApp, tally: Tally, job: str, n: int, publisher: su
             raise app.fail(f"exited with {app.proc.returncode} after {count} of {n} '{job}' messages")
         if now > deadline or (publisher.poll() is not None and now - last_change > idle):
             raise app.fail(f"only {count} of {n} '{job}' messages handled")
-        time.sleep(0.1)
+        time.sleep(0.05)
+    end = snapshot() if snapshot is not None else None
     if publisher.wait(60) != 0:
         raise RuntimeError(f"publisher failed: {publisher.stderr.read() if publisher.stderr else ''}")
+    if first is None or end is None:
+        return None
+    return first[0], first[1], end
 
 
 @dataclass
@@ -217,12 +230,14 @@ def _cpu_snapshot(app: WorkersApp, broker: MosquittoServer) -> _CpuSnapshot:
     )
 
 
-def _cpu_use(before: _CpuSnapshot, after: _CpuSnapshot) -> tuple[float, float, float]:
-    """(mean CPU of one worker, broker CPU, share of the machine busy) between two snapshots."""
+def _cpu_use(before: _CpuSnapshot, after: _CpuSnapshot, handled: int) -> tuple[float, float, float, float]:
+    """(mean CPU of one worker, worker CPU ms per message, broker CPU, share of the machine busy)."""
     wall = max(after.at - before.at, 1e-9)
-    per_worker = [(after.workers[pid] - before.workers.get(pid, 0.0)) / wall for pid in after.workers]
+    spent = [after.workers[pid] - before.workers.get(pid, 0.0) for pid in after.workers]
     busy = (after.machine_busy - before.machine_busy) / max(after.machine_total - before.machine_total, 1e-9)
-    return statistics.mean(per_worker) if per_worker else 0.0, (after.broker - before.broker) / wall, busy
+    per_worker = statistics.mean(spent) / wall if spent else 0.0
+    per_message = sum(spent) / handled * 1000 if handled > 0 else float("nan")
+    return per_worker, per_message, (after.broker - before.broker) / wall, busy
 
 
 def _percentile(values: Sequence[float], pct: float) -> float:
@@ -246,6 +261,7 @@ class WorkersRun:
     supervisor_startup: float
     exit_code: int
     worker_cpu: float  # mean CPU use of one worker process during the throughput run, 1.0 = one core
+    cpu_ms_per_message: float  # CPU time of all workers per message handled
     broker_cpu: float
     machine_busy: float  # share of all CPUs busy (everyone's processes) during the throughput run
 
@@ -269,10 +285,12 @@ def run_once(broker: Broker, workers: int, args: argparse.Namespace, iters: int)
         rss_peak = dict(rss_idle)
         tally = Tally(out_dir)
 
-        cpu_before = _cpu_snapshot(app, broker)
         flood = _publish(broker, f"bench/cpu-{tag}/flood", args.count, None, args.payload_size)
-        _wait_handled(app, tally, "flood", args.count, flood, rss_peak, timeout=300)
-        worker_cpu, broker_cpu, machine_busy = _cpu_use(cpu_before, _cpu_snapshot(app, broker))
+        window = _wait_handled(app, tally, "flood", args.count, flood, rss_peak, timeout=300,
+                               snapshot=lambda: _cpu_snapshot(app, broker))
+        if window is None:
+            raise RuntimeError("no CPU snapshot was taken during the throughput run")
+        worker_cpu, cpu_ms, broker_cpu, machine_busy = _cpu_use(window[0], window[2], args.count - window[1])
         handled = tally.jobs["flood"].values()
         first = min(h for _, h, _ in handled)
         last = max(h for _, h, _ in handled)
@@ -293,7 +311,7 @@ def run_once(broker: Broker, workers: int, args: argparse.Namespace, iters: int)
         shutil.rmtree(out_dir, ignore_errors=True)
     return WorkersRun(
         workers, rate, shares, sum(tally.duplicates.values()), _percentile(latencies, 50), _percentile(latencies, 99),
-        rss_idle, rss_peak, app.ready_after, app.supervisor_figure, code, worker_cpu, broker_cpu, machine_busy,
+        rss_idle, rss_peak, app.ready_after, app.supervisor_figure, code, worker_cpu, cpu_ms, broker_cpu, machine_busy,
     )
 
 
@@ -312,8 +330,8 @@ def format_table(runs: Runs, counts: Sequence[int]) -> str:
     base = runs.by_workers[counts[0]]
     lines = [
         f"| workers | msgs/s | vs {counts[0]} worker{'s' if counts[0] > 1 else ''} | split | p50 ms | p99 ms "
-        "| CPU per worker | broker CPU | machine busy | RSS per worker idle / peak, MB | start-up s (supervisor's figure) | dup | exit |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
+        "| CPU per worker | worker CPU ms/msg | broker CPU | machine busy | RSS per worker idle / peak, MB | start-up s (supervisor's figure) | dup | exit |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for n in counts:
         rs = runs.by_workers[n]
@@ -327,7 +345,9 @@ def format_table(runs: Runs, counts: Sequence[int]) -> str:
         lines.append(
             f"| {n} | {_med([r.rate for r in rs]):,.0f} | {_med(speedups):.2f}× | {split} "
             f"| {_med([r.p50_ms for r in rs]):.1f} | {_med([r.p99_ms for r in rs]):.1f} "
-            f"| {_med([r.worker_cpu for r in rs]) * 100:.0f}% | {_med([r.broker_cpu for r in rs]) * 100:.0f}% "
+            f"| {_med([r.worker_cpu for r in rs]) * 100:.0f}% "
+            f"| {_med([r.cpu_ms_per_message for r in rs]):.2f} "
+            f"| {_med([r.broker_cpu for r in rs]) * 100:.0f}% "
             f"| {_med([r.machine_busy for r in rs]) * 100:.0f}% "
             f"| {_med(idle):.1f} / {_med(peak):.1f} (max {max(idle):.1f} / {max(peak):.1f}) "
             f"| {_med([r.startup for r in rs]):.2f} ({_med([r.supervisor_startup for r in rs]):.2f}) "
@@ -369,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{', '.join(f'{k}={v / MB:.1f}' for k, v in sorted(r.rss_idle.items()))} peak "
                         f"{', '.join(f'{k}={v / MB:.1f}' for k, v in sorted(r.rss_peak.items()))} MB; "
                         f"start-up {r.startup:.2f} s (supervisor {r.supervisor_startup:.2f} s); exit {r.exit_code}; "
-                        f"CPU per worker {r.worker_cpu:.0%}, broker {r.broker_cpu:.0%}, machine busy {r.machine_busy:.0%}"
+                        f"CPU per worker {r.worker_cpu:.0%} ({r.cpu_ms_per_message:.2f} ms/msg), broker {r.broker_cpu:.0%}, machine busy {r.machine_busy:.0%}"
                     )
                     runs.by_workers.setdefault(n, []).append(r)
         finally:
@@ -383,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         f"load average at start {load}.\n"
         f"msgs/s: {args.count:,} messages published as fast as the broker takes them, first to last handled. "
         f"Latency: {args.live_count:,} messages at {args.rate:,.0f} msgs/s, publish to handled. "
-        f"CPU (during the throughput run): mean per worker process and the broker, 100% = one core; machine busy = "
+        f"CPU (during the throughput run): mean per worker process and the broker, 100% = one core; worker CPU ms/msg = "
+        f"CPU time of all workers per message handled (the handler's work included); machine busy = "
         f"share of all {os.cpu_count()} CPUs busy, other users' processes included. "
         f"RSS: the largest worker, median over runs (in brackets the max over all). Start-up: launch to the "
         f"supervisor's \"all N worker(s) subscribed\" line.\n"
