@@ -212,13 +212,13 @@ class DatabaseCheck(ReadinessCheck):
 
 
 def default_checks(settings: Settings) -> list[ReadinessCheck]:
-    """Redis when ENABLE_REDIS is on; the database when DATABASE_URL is set (settings of issue 4)."""
+    """Redis (REDIS_URL) when ENABLE_REDIS is on; the database (DATABASE_URL) when ENABLE_DATABASE is on."""
     checks: list[ReadinessCheck] = []
     redis_url = getattr(settings, "redis_url", None)
     if getattr(settings, "enable_redis", False) and redis_url:
         checks.append(RedisCheck(redis_url))
     database_url = getattr(settings, "database_url", None)
-    if database_url and getattr(settings, "enable_database", True):
+    if database_url and getattr(settings, "enable_database", False):
         checks.append(DatabaseCheck(database_url))
     return checks
 

@@ -151,7 +151,7 @@ def test_deployment_probes_grace_period_env_and_resources(k8s: dict[str, dict[st
 
 
 def test_configmap_and_secret_hold_only_known_settings(k8s: dict[str, dict[str, Any]]) -> None:
-    known = {name.upper() for name in SETTING_NAMES} | {"ENABLE_REDIS", "REDIS_URL", "DATABASE_URL"}
+    known = {name.upper() for name in SETTING_NAMES} | {"ENABLE_REDIS", "REDIS_URL", "ENABLE_DATABASE", "DATABASE_URL"}
     config = k8s["ConfigMap"]["data"]
     secret = k8s["Secret"]["stringData"]
     assert set(config) <= known, set(config) - known

@@ -255,3 +255,34 @@ def test_workers_metrics_add_up_across_processes_and_restarts(mosquitto_factory:
     finally:
         pub.close()
     assert app.stop() == 0
+
+
+async def test_ready_checks_redis_and_the_database_when_enabled(redis_factory: Any, tmp_path: Any) -> None:
+    from types import SimpleNamespace
+
+    from core.http import DatabaseCheck, RedisCheck, default_checks
+
+    redis = redis_factory()
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'ready.db'}"
+    off = SimpleNamespace(enable_redis=False, redis_url=redis.url, enable_database=False, database_url=database_url)
+    on = SimpleNamespace(enable_redis=True, redis_url=redis.url, enable_database=True, database_url=database_url)
+    assert default_checks(off) == []  # type: ignore[arg-type]
+    assert [type(c) for c in default_checks(on)] == [RedisCheck, DatabaseCheck]  # type: ignore[arg-type]
+
+    ops = OpsServer(load_settings({"HTTP_PORT": "0", "HTTP_CHECK_TIMEOUT": "1"}), FixedSource(),
+                    checks=default_checks(on))  # type: ignore[arg-type]
+    ops.CHECK_CACHE = 0
+    await ops.start()
+    try:
+        url = f"http://127.0.0.1:{ops.port}/ready"
+        status, body = await asyncio.to_thread(http_get, url)
+        assert (status, json.loads(body)["checks"]) == (200, {"redis": "ok", "database": "ok"})
+        redis.stop()
+        status, body = await asyncio.to_thread(http_get, url)
+        reasons = json.loads(body)["reasons"]
+        assert status == 503 and len(reasons) == 1 and reasons[0].startswith("redis: ")
+        redis.start()
+        status, _ = await asyncio.to_thread(http_get, url)
+        assert status == 200
+    finally:
+        await ops.stop()
