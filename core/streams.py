@@ -1,0 +1,702 @@
+"""Redis Streams: MQTT messages handed to a stream, consumer groups with retries and dead letters.
+
+A stream route (`router.on("orders/{id}/placed", handler, stream="orders")`) has two halves:
+
+- MQTT side (`bridge_call`, run by the Dispatcher in place of the handler): the message is
+  appended to the stream by the process's `StreamWriter` (XADD with approximate MAXLEN,
+  pipelined with whatever else is waiting). The Dispatcher acknowledges the MQTT message only
+  after the XADD reply, so while Redis is away nothing is acknowledged and the broker keeps it.
+- Stream side (`StreamConsumer`, one per stream in every process that serves the route): a
+  consumer group (`MQTT_GROUP_NAME`, consumer = worker id) reads entries, runs the route's
+  middleware and handler with the same arguments as an inline route, and XACKs after success.
+  A failing entry is retried after `STREAM_RETRY_DELAY` (re-claimed with XCLAIM, which counts the
+  delivery) up to `STREAM_MAX_RETRIES` times, then moved to `<stream>:dlq` and acknowledged.
+  Entries left pending by a dead or hung consumer are taken over with XAUTOCLAIM once idle for
+  `STREAM_CLAIM_IDLE_MS`.
+
+`Router.stream(name, handler)` declares a consumer of a stream written by other systems: there is
+no MQTT side, and the handler gets the entry's `payload` field (or all its fields as a dict).
+Delivery is at least once: a handler may see an entry again after a crash or a Redis failover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import random
+import time
+from collections import defaultdict
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
+
+from core.backoff import backoff_delay
+from core.config import Settings
+from core.context import MessageContext, Services
+from core.middleware import CallNext, build_chain
+from core.payload import PayloadError, decode_payload
+from core.router import Route, RouteError
+from core.stats import ProcessStats
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from core.runtime import Runtime
+
+log = logging.getLogger("core.streams")
+
+REDIS_KEY = "redis"
+"""`Services.extras[REDIS_KEY]`: the process's `redis.asyncio.Redis` client (when ENABLE_REDIS)."""
+WRITER_KEY = "stream_writer"
+"""`Services.extras[WRITER_KEY]`: the process's `StreamWriter`."""
+
+DLQ_SUFFIX = ":dlq"
+BLOCK_MS = 1000  # one XREADGROUP waits this long for entries; bounds how long a stop takes
+RECONNECT_MIN, RECONNECT_MAX = 0.1, 5.0
+WRITE_BATCH = 500  # XADDs per pipeline
+
+
+class StreamError(RuntimeError):
+    """Redis answered a stream command with an error (not a lost connection)."""
+
+
+def redis_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions meaning "Redis is not reachable right now" (retried with backoff, never fatal)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def make_redis(settings: Settings) -> "Redis":
+    """One client (with its connection pool) per process; built after the process started."""
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    # One immediate retry replaces a pooled connection that died with a Redis restart; longer
+    # outages are handled (and logged) by the callers' own backoff.
+    return Redis.from_url(settings.redis_url, socket_timeout=BLOCK_MS / 1000 + 10, socket_connect_timeout=5,
+                          retry=Retry(NoBackoff(), 1), health_check_interval=30)
+
+
+def _reconnect_delay(failures: int) -> float:
+    return backoff_delay(failures, RECONNECT_MIN, RECONNECT_MAX, random.random)
+
+
+# -- the entry format ---------------------------------------------------------------------------
+
+
+def encode_entry(pattern: str, context: MessageContext) -> dict[str, Any]:
+    """The stream fields of one MQTT message: topic, params, payload, headers, route."""
+    headers: dict[str, Any] = {"qos": context.qos, "retain": context.retain}
+    props = context.properties
+    if props is not None:
+        response_topic = getattr(props, "ResponseTopic", None)
+        if response_topic:
+            headers["response_topic"] = response_topic
+        correlation = getattr(props, "CorrelationData", None)
+        if correlation is not None:
+            headers["correlation_data"] = base64.b64encode(correlation).decode("ascii")
+        user = getattr(props, "UserProperty", None)
+        if user:
+            headers["user_properties"] = [list(pair) for pair in user]
+        content_type = getattr(props, "ContentType", None)
+        if content_type:
+            headers["content_type"] = content_type
+    return {
+        "topic": context.topic,
+        "params": json.dumps(context.params, separators=(",", ":")),
+        "payload": context.raw_payload,
+        "headers": json.dumps(headers, separators=(",", ":")),
+        "route": pattern,
+    }
+
+
+class StreamProperties:
+    """The MQTT properties a bridged message carried, as `MessageContext.properties` expects them."""
+
+    __slots__ = ("ResponseTopic", "CorrelationData", "UserProperty", "ContentType")
+
+    def __init__(self, headers: dict[str, Any]) -> None:
+        self.ResponseTopic: str | None = headers.get("response_topic")
+        correlation = headers.get("correlation_data")
+        self.CorrelationData: bytes | None = base64.b64decode(correlation) if correlation is not None else None
+        self.UserProperty: list[tuple[str, str]] = [tuple(p) for p in headers.get("user_properties", ())]  # type: ignore[misc]
+        self.ContentType: str | None = headers.get("content_type")
+
+
+@dataclass(frozen=True)
+class StreamMessage:
+    """A stream entry, decoded: what a handler's context is built from."""
+
+    topic: str
+    params: dict[str, str]
+    raw: bytes
+    qos: int
+    retain: bool
+    properties: StreamProperties | None
+    route: str | None  # pattern of the route that bridged it; None for entries written by others
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def decode_entry(stream: str, fields: dict[Any, Any]) -> StreamMessage:
+    """Decode the fields of an entry (bytes keys and values, as redis-py returns them)."""
+    data = {_text(k): v for k, v in fields.items()}
+    if "route" in data and "topic" in data:
+        try:
+            headers = json.loads(data.get("headers") or b"{}")
+            params = json.loads(data.get("params") or b"{}")
+        except ValueError as exc:
+            raise PayloadError(f"entry has malformed params/headers: {exc}") from None
+        raw = data.get("payload", b"")
+        return StreamMessage(
+            topic=_text(data["topic"]), params={str(k): str(v) for k, v in params.items()},
+            raw=raw if isinstance(raw, bytes) else str(raw).encode(), qos=int(headers.get("qos", 0)),
+            retain=bool(headers.get("retain", False)), properties=StreamProperties(headers), route=_text(data["route"]),
+        )
+    # Written by another system: its `payload` field, or all its fields as a JSON object.
+    if "payload" in data:
+        raw = data["payload"]
+        raw = raw if isinstance(raw, bytes) else str(raw).encode()
+    else:
+        raw = json.dumps({k: _text(v) for k, v in data.items()}).encode()
+    return StreamMessage(stream, {}, raw, 0, False, None, None)
+
+
+@dataclass(frozen=True)
+class StreamDelivery:
+    """`context.state["stream"]` in a handler run by a stream consumer."""
+
+    stream: str
+    entry_id: str
+    attempt: int  # 1 for the first delivery
+
+
+# -- checks at startup --------------------------------------------------------------------------
+
+
+def check_stream_routes(routes: Iterable[Route], settings: Settings) -> None:
+    """RouteError naming the route if a stream route cannot work with these settings."""
+    by_stream: dict[str, Route] = {}
+    for route in routes:
+        if route.stream is None:
+            continue
+        if not isinstance(route.stream, str) or not route.stream.strip() or route.stream.endswith(DLQ_SUFFIX):
+            raise RouteError(f"{route.describe()}: stream={route.stream!r} must be a non-empty name not ending in "
+                             f"{DLQ_SUFFIX!r} (that suffix is the dead-letter stream)")
+        if not settings.enable_redis:
+            raise RouteError(
+                f"{route.describe()} uses the Redis stream {route.stream!r}, but Redis is disabled: set "
+                f"ENABLE_REDIS=true (and REDIS_URL, default {Settings.redis_url}), or remove stream= from the route"
+            )
+        other = by_stream.setdefault(route.stream, route)
+        if other.shared != route.shared:
+            raise RouteError(
+                f"{route.describe()} and {other.describe()} share the stream {route.stream!r} but not shared=: "
+                "one consumer group serves a stream, so its routes must all run in the workers or all in the main process"
+            )
+
+
+# -- MQTT side: appending -----------------------------------------------------------------------
+
+
+class StreamWriter:
+    """Appends entries for every stream route of a process, pipelining what waits (one writer task).
+
+    `append` returns after Redis stored the entry. While Redis is unreachable the writer keeps the
+    entries, logs once, retries with backoff, and its callers wait (so their MQTT messages stay
+    unacknowledged); entries whose caller gave up (shutdown) are dropped, the broker redelivers them.
+    """
+
+    def __init__(self, redis: "Redis", maxlen: int, name: str = "streams") -> None:
+        self._redis = redis
+        self._maxlen = maxlen or None
+        self._name = name
+        self._queue: list[tuple[str, dict[str, Any], asyncio.Future[Any]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.down = False
+        self.appended = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self._name}-writer")
+
+    async def append(self, stream: str, fields: dict[str, Any]) -> Any:
+        """XADD one entry; returns its id once Redis replied."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((stream, fields, fut))
+        self._wake.set()
+        return await fut
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            batch = self._queue[:WRITE_BATCH]
+            del self._queue[:WRITE_BATCH]
+            await self._write(batch)
+
+    async def _write(self, batch: list[tuple[str, dict[str, Any], asyncio.Future[Any]]]) -> None:
+        down = redis_errors()
+        failures = 0
+        while True:
+            batch = [item for item in batch if not item[2].done()]
+            if not batch:
+                return
+            pipe = self._redis.pipeline(transaction=False)
+            for stream, fields, _ in batch:
+                pipe.xadd(stream, fields, maxlen=self._maxlen, approximate=True)
+            try:
+                results = await pipe.execute(raise_on_error=False)
+            except down as exc:
+                if not self.down:
+                    log.warning("Redis unreachable (%s: %s): holding %d MQTT acknowledgement(s) until it is back; "
+                                "retrying", type(exc).__name__, exc, len(batch) + len(self._queue))
+                self.down = True
+                await asyncio.sleep(_reconnect_delay(failures))
+                failures += 1
+                continue
+            if self.down:
+                log.warning("Redis is reachable again: appending to streams")
+                self.down = False
+            for (stream, _, fut), result in zip(batch, results):
+                if fut.done():
+                    continue
+                if isinstance(result, Exception):
+                    fut.set_exception(StreamError(f"XADD to stream {stream!r} failed: {result}"))
+                else:
+                    self.appended += 1
+                    fut.set_result(result)
+            return
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for _, _, fut in self._queue:
+            if not fut.done():
+                fut.cancel()
+        self._queue.clear()
+
+
+def bridge_call(route: Route, services: Services) -> CallNext:
+    """What the Dispatcher runs for a stream route: append the message to the route's stream."""
+    stream = route.stream
+    pattern = route.pattern
+    extras = services.extras
+
+    async def append(context: MessageContext) -> None:
+        writer: StreamWriter | None = extras.get(WRITER_KEY)
+        if writer is None:
+            raise RuntimeError(f"{route.describe()} appends to the Redis stream {stream!r}, but this process has no "
+                               "Redis connection: set ENABLE_REDIS=true")
+        await writer.append(stream, encode_entry(pattern, context))  # type: ignore[arg-type]
+
+    return append
+
+
+# -- stream side: consuming ---------------------------------------------------------------------
+
+
+def handler_call(route: Route, executor: Executor) -> CallNext:
+    """Call the route's handler with the same arguments as an inline route."""
+    spec = route.handler
+    fn, arguments = spec.fn, spec.arguments
+    if spec.is_async:
+        async def call_async(context: MessageContext) -> Any:
+            return await fn(**arguments(context))
+
+        return call_async
+
+    def call_sync(context: MessageContext) -> Awaitable[Any]:
+        return asyncio.get_running_loop().run_in_executor(executor, partial(fn, **arguments(context)))
+
+    return call_sync
+
+
+class _Endpoint:
+    __slots__ = ("route", "chain", "timeout", "stats", "label")
+
+    def __init__(self, route: Route, chain: CallNext, stats: ProcessStats, stream: str) -> None:
+        self.route = route
+        self.chain = chain
+        self.timeout = route.timeout
+        self.label = f"stream:{stream}"
+        self.stats = stats.route(self.label)
+
+
+@dataclass
+class ConsumerCounters:
+    handled: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    reclaimed: int = 0
+
+
+class StreamConsumer:
+    """One member of the consumer group of one stream, in one process."""
+
+    def __init__(
+        self,
+        redis: "Redis",
+        stream: str,
+        routes: Sequence[Route],
+        settings: Settings,
+        services: Services,
+        stats: ProcessStats,
+        executor: Executor,
+    ) -> None:
+        self.redis = redis
+        self.stream = stream
+        self.dlq = stream + DLQ_SUFFIX
+        self.group = settings.mqtt_group_name
+        self.consumer = services.worker_id
+        self.services = services
+        self.stats = stats
+        self.batch = settings.stream_batch_size
+        self.maxlen = settings.stream_maxlen or None
+        self.max_retries = settings.stream_max_retries
+        self.retry_delay = settings.stream_retry_delay
+        self.claim_idle_ms = settings.stream_claim_idle_ms
+        self.claim_every = min(15.0, max(0.2, self.claim_idle_ms / 4000))
+        self.shutdown_timeout = settings.shutdown_timeout
+        self.counters = ConsumerCounters()
+        self._endpoints = {
+            route.pattern: _Endpoint(route, build_chain(route.middleware, handler_call(route, executor)), stats, stream)
+            for route in routes
+        }
+        self._routes = list(routes)
+        self._to_ack: list[Any] = []
+        self._inflight: set[Any] = set()
+        self._retries: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._group_ready = False
+        self._next_claim = 0.0
+        self.down = False
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"stream-consumer[{self.stream}]")
+
+    async def stop(self) -> None:
+        """Finish the batch in hand (up to SHUTDOWN_TIMEOUT), acknowledge it, and leave the rest pending."""
+        self._stopping = True
+        for task in list(self._retries):
+            task.cancel()  # the entry stays pending; another consumer (or our successor) reclaims it
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), self.shutdown_timeout + BLOCK_MS / 1000)
+            except asyncio.TimeoutError:
+                log.warning("stream %r: handlers still running at shutdown; their entries stay pending and are "
+                            "reclaimed after STREAM_CLAIM_IDLE_MS", self.stream)
+                self._task.cancel()
+            await asyncio.gather(self._task, *self._retries, return_exceptions=True)
+        try:
+            await self._flush_acks()
+        except redis_errors() as exc:
+            log.warning("stream %r: could not acknowledge %d handled entr(ies) at shutdown (%s); they will be "
+                        "handled again", self.stream, len(self._to_ack), exc)
+
+    # -- the loop --
+
+    async def _run(self) -> None:
+        down = redis_errors()
+        failures = 0
+        while not self._stopping:
+            try:
+                if not self._group_ready:
+                    await self._ensure_group()
+                await self._flush_acks()
+                if time.monotonic() >= self._next_claim:
+                    self._next_claim = time.monotonic() + self.claim_every
+                    await self._reclaim()
+                response = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=self.batch,
+                                                       block=BLOCK_MS)
+                if self.down:
+                    log.warning("stream %r: Redis is reachable again; consuming", self.stream)
+                    self.down = False
+                failures = 0
+                for _stream, entries in response or ():
+                    await self._handle_batch([(entry_id, fields, 1) for entry_id, fields in entries])
+            except down as exc:
+                if not self.down:
+                    log.warning("stream %r: Redis unreachable (%s: %s); retrying with backoff", self.stream,
+                                type(exc).__name__, exc)
+                self.down = True
+                await asyncio.sleep(_reconnect_delay(failures))
+                failures += 1
+            except Exception as exc:
+                from redis.exceptions import ResponseError
+
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                    self._group_ready = False  # the stream was deleted: create it (and the group) again
+                    continue
+                log.exception("stream %r: consumer error; retrying in 1 s", self.stream)
+                await asyncio.sleep(1.0)
+
+    async def _ensure_group(self) -> None:
+        from redis.exceptions import ResponseError
+
+        try:
+            # From the beginning: entries appended before any consumer ever started are not skipped.
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def _handle_batch(self, batch: list[tuple[Any, Any, int]]) -> None:
+        results = await asyncio.gather(*(self._handle(entry_id, fields, attempt) for entry_id, fields, attempt in batch),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                # Only moving an entry to the dead-letter stream can fail here (Redis went away): the entry
+                # stays pending and is reclaimed, then dead-lettered, later.
+                log.warning("stream %r: could not dead-letter an entry: %s", self.stream, result)
+        await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        if self._to_ack:
+            ids, self._to_ack = self._to_ack, []
+            try:
+                await self.redis.xack(self.stream, self.group, *ids)
+            except BaseException:
+                self._to_ack[:0] = ids  # acknowledged by the next flush, after Redis is back
+                raise
+
+    def _endpoint_for(self, message: StreamMessage) -> _Endpoint | None:
+        if message.route is not None:
+            endpoint = self._endpoints.get(message.route)
+            if endpoint is not None:
+                return endpoint
+            # Bridged by a route this process does not know by that pattern (renamed?): match the topic.
+            for route in self._routes:
+                if route.subscribe and route.match(message.topic) is not None:
+                    return self._endpoints[route.pattern]
+            return None
+        consumers = [r for r in self._routes if not r.subscribe]
+        return self._endpoints[consumers[0].pattern] if consumers else self._endpoints[self._routes[0].pattern]
+
+    async def _handle(self, entry_id: Any, fields: dict[Any, Any], attempt: int) -> None:
+        if entry_id in self._inflight:
+            return  # reclaimed while we are still on it
+        self._inflight.add(entry_id)
+        try:
+            await self._handle_once(entry_id, fields, attempt)
+        finally:
+            self._inflight.discard(entry_id)
+
+    async def _handle_once(self, entry_id: Any, fields: dict[Any, Any], attempt: int) -> None:
+        try:
+            message = decode_entry(self.stream, fields)
+            endpoint = self._endpoint_for(message)
+            if endpoint is None:
+                raise LookupError(f"no route of stream {self.stream!r} in this process matches route "
+                                  f"{message.route!r} / topic {message.topic!r}")
+            payload = decode_payload(message.raw, endpoint.route.payload_format)
+        except (PayloadError, LookupError) as exc:
+            log.error("stream %r: entry %s cannot be handled: %s", self.stream, _text(entry_id), exc)
+            await self._dead_letter(entry_id, fields, attempt, exc)
+            return
+        context = MessageContext(
+            message.topic, message.params, payload, message.raw, message.qos, message.retain, attempt > 1,
+            message.properties, endpoint.route, self.services,
+        )
+        context.state["stream"] = StreamDelivery(self.stream, _text(entry_id), attempt)
+        started = time.perf_counter()
+        try:
+            if endpoint.timeout is None:
+                result = await endpoint.chain(context)
+            else:
+                result = await asyncio.wait_for(endpoint.chain(context), endpoint.timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._observe(endpoint, time.perf_counter() - started, "error")
+            self.counters.failed += 1
+            from core.dispatcher import DeadLetter  # late: the dispatcher imports this module
+
+            if isinstance(exc, DeadLetter) or attempt > self.max_retries:
+                log.error("stream %r: entry %s failed (attempt %d): %s: %s; moving it to %r", self.stream,
+                          _text(entry_id), attempt, type(exc).__name__, exc, self.dlq, exc_info=exc)
+                await self._dead_letter(entry_id, fields, attempt, exc)
+            else:
+                log.warning("stream %r: entry %s failed (attempt %d of %d): %s: %s; retrying in %.3g s", self.stream,
+                            _text(entry_id), attempt, self.max_retries + 1, type(exc).__name__, exc, self.retry_delay)
+                task = asyncio.get_running_loop().create_task(self._retry_later(entry_id, attempt))
+                self._retries.add(task)
+                task.add_done_callback(self._retries.discard)
+            return
+        self._observe(endpoint, time.perf_counter() - started, "ok")
+        self.counters.handled += 1
+        if result is not None and context.response_topic:
+            await self._respond(context, result)
+        self._to_ack.append(entry_id)
+
+    def _observe(self, endpoint: _Endpoint, elapsed: float, outcome: str) -> None:
+        stats = endpoint.stats
+        if outcome == "ok":
+            stats.handled += 1
+        else:
+            stats.failed += 1
+        stats.seconds += elapsed
+        for observe in self.stats.observers:
+            observe(endpoint.label, elapsed, outcome)
+
+    async def _respond(self, context: MessageContext, result: Any) -> None:
+        properties = {"correlation_data": context.correlation_data} if context.correlation_data is not None else None
+        try:
+            await self.services.publisher.publish(context.response_topic, result, 1 if context.qos else 0, False,  # type: ignore[arg-type]
+                                                  properties=properties)
+        except Exception as exc:
+            log.error("stream %r: could not publish the response to %r: %s", self.stream, context.response_topic, exc)
+
+    async def _retry_later(self, entry_id: Any, attempt: int) -> None:
+        await asyncio.sleep(self.retry_delay)
+        failures = 0
+        while True:
+            try:
+                # XCLAIM counts the delivery and resets the idle time; it returns nothing if another
+                # consumer took the entry meanwhile or it was trimmed away.
+                claimed = await self.redis.xclaim(self.stream, self.group, self.consumer,
+                                                  int(self.retry_delay * 900), [entry_id])
+                break
+            except redis_errors():
+                await asyncio.sleep(_reconnect_delay(failures))
+                failures += 1
+        self.counters.retried += 1
+        for claimed_id, fields in claimed:
+            if fields:
+                try:
+                    await self._handle_batch([(claimed_id, fields, attempt + 1)])
+                except redis_errors():
+                    pass  # the acknowledgement waits in _to_ack for the consumer loop
+
+    async def _reclaim(self) -> None:
+        """Take over entries another consumer left pending longer than STREAM_CLAIM_IDLE_MS."""
+        start: Any = "0-0"
+        while not self._stopping:
+            next_id, entries, _deleted = await self.redis.xautoclaim(
+                self.stream, self.group, self.consumer, self.claim_idle_ms, start_id=start, count=self.batch)
+            entries = [(entry_id, fields) for entry_id, fields in entries if fields and entry_id not in self._inflight]
+            if entries:
+                pipe = self.redis.pipeline(transaction=False)
+                for entry_id, _ in entries:
+                    pipe.xpending_range(self.stream, self.group, entry_id, entry_id, 1)
+                pending = await pipe.execute()
+                batch = []
+                for (entry_id, fields), info in zip(entries, pending):
+                    delivered = int(info[0]["times_delivered"]) if info else 1
+                    batch.append((entry_id, fields, delivered))
+                self.counters.reclaimed += len(batch)
+                log.warning("stream %r: reclaimed %d entr(ies) left pending by another consumer", self.stream, len(batch))
+                await self._handle_reclaimed(batch)
+            if next_id in (b"0-0", "0-0"):
+                return
+            start = next_id
+
+    async def _handle_reclaimed(self, batch: list[tuple[Any, Any, int]]) -> None:
+        limit = self.max_retries + 1
+        runnable = []
+        for entry_id, fields, delivered in batch:
+            if delivered > limit:
+                # Delivered that often without an ack: it kills or hangs whoever handles it.
+                error = RuntimeError(f"not acknowledged after {delivered - 1} deliveries (the consumers handling it "
+                                     "died or hung)")
+                await self._dead_letter(entry_id, fields, delivered - 1, error)
+            else:
+                runnable.append((entry_id, fields, delivered))
+        if runnable:
+            await self._handle_batch(runnable)
+
+    async def _dead_letter(self, entry_id: Any, fields: dict[Any, Any], attempts: int, error: BaseException) -> None:
+        """Move the entry to `<stream>:dlq` with the error and attempt count, and acknowledge it (atomically)."""
+        entry = {
+            "error": f"{type(error).__name__}: {error}"[:4096],
+            "error_type": type(error).__name__,
+            "attempts": str(attempts),
+            "original_stream": self.stream,
+            "original_id": _text(entry_id),
+            "consumer": self.consumer,
+            "failed_at": str(int(time.time() * 1000)),
+        }
+        for key, value in fields.items():
+            entry[f"entry.{_text(key)}"] = value
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(self.dlq, entry, maxlen=self.maxlen, approximate=True)
+        pipe.xack(self.stream, self.group, entry_id)
+        await pipe.execute()
+        self.counters.dead_lettered += 1
+        self.stats.dead_lettered += 1
+
+
+def original_fields(dlq_fields: dict[Any, Any]) -> dict[str, Any]:
+    """The fields of the original entry, from a `<stream>:dlq` entry (to append it again after a fix)."""
+    prefix = "entry."
+    return {_text(k)[len(prefix):]: v for k, v in dlq_fields.items() if _text(k).startswith(prefix)}
+
+
+# -- the hook ------------------------------------------------------------------------------------
+
+
+class StreamsHook:
+    """RuntimeHook (ENABLE_REDIS): the Redis client, the writer and the consumers of one process."""
+
+    def __init__(self, settings: Settings, worker_id: str) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self.redis: "Redis | None" = None
+        self.writer: StreamWriter | None = None
+        self.consumers: list[StreamConsumer] = []
+
+    async def start(self, runtime: "Runtime") -> None:
+        self.redis = make_redis(self.settings)
+        self.writer = StreamWriter(self.redis, self.settings.stream_maxlen, f"streams[{self.worker_id}]")
+        self.writer.start()
+        extras = runtime.services.extras
+        extras[REDIS_KEY] = self.redis
+        extras[WRITER_KEY] = self.writer
+        by_stream: dict[str, list[Route]] = defaultdict(list)
+        for route in runtime.table.routes:
+            if route.stream is not None:
+                by_stream[route.stream].append(route)
+        for stream, routes in by_stream.items():
+            consumer = StreamConsumer(self.redis, stream, routes, self.settings, runtime.services, runtime.stats,
+                                      runtime.executor)
+            consumer.start()
+            self.consumers.append(consumer)
+        if self.consumers:
+            log.info("consuming stream(s) %s as %r in group %r", ", ".join(c.stream for c in self.consumers),
+                     runtime.services.worker_id, self.settings.mqtt_group_name)
+        runtime.stats.extensions["streams"] = self.snapshot
+
+    def snapshot(self) -> dict[str, Any]:
+        return {c.stream: vars(c.counters).copy() for c in self.consumers}
+
+    async def stop(self, runtime: "Runtime") -> None:
+        await asyncio.gather(*(consumer.stop() for consumer in self.consumers), return_exceptions=True)
+        if self.writer is not None:
+            await self.writer.stop()
+        if self.redis is not None:
+            await self.redis.aclose()
+        runtime.services.extras.pop(WRITER_KEY, None)
+        runtime.services.extras.pop(REDIS_KEY, None)
+
+
+def streams_hooks(settings: Settings, worker_id: str) -> list[StreamsHook]:
+    """Hook factory for `Application.hook_factories`."""
+    return [StreamsHook(settings, worker_id)]
