@@ -90,6 +90,10 @@ def default_client_id(app_name: str) -> str:
     return f"{app_name}-{host}"
 
 
+# The default database: a SQLite file in the project directory (nothing to install).
+DEFAULT_DATABASE_URL = f"sqlite+aiosqlite:///{Path(__file__).resolve().parent.parent / 'app.db'}"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting of the framework. Documented in README.md and `.env.example`."""
@@ -139,6 +143,26 @@ class Settings:
     http_port: int | None = None
     http_host: str = "127.0.0.1"
     http_check_timeout: float = 2.0
+    # --- Redis Streams (core/streams.py, docs/streams.md) ---
+    enable_redis: bool = False
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    stream_maxlen: int = 1_000_000  # approximate MAXLEN of each stream; 0 = never trimmed
+    stream_claim_idle_ms: int = 60_000
+    stream_max_retries: int = 3
+    stream_retry_delay: float = 1.0
+    stream_batch_size: int = 100
+    # --- Database and transactional outbox (core/database.py, core/outbox.py, docs/outbox.md) ---
+    enable_database: bool = False
+    database_url: str = DEFAULT_DATABASE_URL
+    database_create_tables: bool = True
+    outbox_enabled: bool = True  # run an outbox processor in this process (when the database is enabled)
+    outbox_table: str = "outbox"
+    outbox_batch_size: int = 100
+    outbox_tick_interval: float = 1.0
+    outbox_max_attempts: int = 10
+    outbox_base_delay: float = 1.0
+    outbox_lock_timeout: float = 60.0
+    outbox_retention: float = 7 * 86400.0
 
     @property
     def uses_embedded_broker(self) -> bool:
@@ -237,6 +261,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         http_port=_get(env, "HTTP_PORT", d.http_port, lambda n, r: parse_int(n, r, minimum=0, maximum=65535)),
         http_host=_get(env, "HTTP_HOST", d.http_host, text),
         http_check_timeout=_get(env, "HTTP_CHECK_TIMEOUT", d.http_check_timeout, pos_float),
+        **_streams_and_outbox(env, d),
     )
     if settings.mqtt_reconnect_max < settings.mqtt_reconnect_min:
         raise ConfigError(
@@ -251,6 +276,85 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     if (settings.mqtt_username is None) and settings.mqtt_password is not None:
         raise ConfigError("MQTT_PASSWORD is set but MQTT_USERNAME is not")
     return settings
+
+
+# --- Redis Streams, database and outbox (issue 4) ----------------------------------------------
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(name: str, raw: str, *, minimum: float = 0.0) -> float:
+    """Seconds, with an optional unit: `30`, `1.5s`, `500ms`, `5m`, `2h`, `7d`."""
+    text = raw.strip().lower()
+    unit = next((u for u in ("ms", "s", "m", "h", "d") if text.endswith(u)), "")
+    try:
+        value = float(text[: len(text) - len(unit)].strip()) * _DURATION_UNITS.get(unit, 1.0)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a duration (examples: 30, 1.5s, 500ms, 5m, 2h, 7d)") from None
+    if value != value:
+        raise ConfigError(f"{name}={raw!r} is not a duration")
+    _check_range(name, raw, value, minimum, None)
+    return value
+
+
+# Plain URLs name the async driver the framework uses for each database.
+_DATABASE_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg",
+    "mysql": "mysql+aiomysql", "mariadb": "mariadb+aiomysql",
+}
+_ASYNC_DATABASE_SCHEMES = {"sqlite+aiosqlite", "postgresql+asyncpg", "mysql+aiomysql", "mariadb+aiomysql"}
+
+
+def parse_database_url(name: str, raw: str) -> str:
+    url = raw.strip()
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ConfigError(f"{name}={raw!r} is not a database URL (example: postgresql+asyncpg://user@host/db)")
+    scheme = _DATABASE_DRIVERS.get(scheme.lower(), scheme.lower())
+    if scheme not in _ASYNC_DATABASE_SCHEMES:
+        raise ConfigError(
+            f"{name}={raw!r}: unsupported driver {scheme!r}; use one of {', '.join(sorted(_ASYNC_DATABASE_SCHEMES))}"
+        )
+    return f"{scheme}://{rest}"
+
+
+def parse_redis_url(name: str, raw: str) -> str:
+    url = raw.strip()
+    if not url.lower().startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{name}={raw!r} must start with redis://, rediss:// or unix://")
+    return url
+
+
+def _streams_and_outbox(env: Mapping[str, str], d: Settings) -> dict[str, Any]:
+    pos_int = lambda n, r: parse_int(n, r, minimum=1)  # noqa: E731
+    nonneg_int = lambda n, r: parse_int(n, r, minimum=0)  # noqa: E731
+    duration = lambda n, r: parse_duration(n, r, minimum=0.0)  # noqa: E731
+    positive_duration = lambda n, r: parse_duration(n, r, minimum=0.001)  # noqa: E731
+    table = _get(env, "OUTBOX_TABLE", d.outbox_table, lambda n, r: r.strip())
+    if not table.replace("_", "").isalnum() or table[0].isdigit():
+        raise ConfigError(f"OUTBOX_TABLE={table!r} must be a plain table name (letters, digits, '_')")
+    database_url = _opt(env, "DATABASE_URL")
+    return {
+        "enable_redis": _get(env, "ENABLE_REDIS", d.enable_redis, parse_bool),
+        "redis_url": _get(env, "REDIS_URL", d.redis_url, parse_redis_url),
+        "stream_maxlen": _get(env, "STREAM_MAXLEN", d.stream_maxlen, nonneg_int),
+        "stream_claim_idle_ms": _get(env, "STREAM_CLAIM_IDLE_MS", d.stream_claim_idle_ms, pos_int),
+        "stream_max_retries": _get(env, "STREAM_MAX_RETRIES", d.stream_max_retries, nonneg_int),
+        "stream_retry_delay": _get(env, "STREAM_RETRY_DELAY", d.stream_retry_delay, duration),
+        "stream_batch_size": _get(env, "STREAM_BATCH_SIZE", d.stream_batch_size, pos_int),
+        # Setting DATABASE_URL turns the database on unless ENABLE_DATABASE says otherwise.
+        "enable_database": _get(env, "ENABLE_DATABASE", database_url is not None, parse_bool),
+        "database_url": d.database_url if database_url is None else parse_database_url("DATABASE_URL", database_url),
+        "database_create_tables": _get(env, "DATABASE_CREATE_TABLES", d.database_create_tables, parse_bool),
+        "outbox_enabled": _get(env, "OUTBOX_ENABLED", d.outbox_enabled, parse_bool),
+        "outbox_table": table,
+        "outbox_batch_size": _get(env, "OUTBOX_BATCH_SIZE", d.outbox_batch_size, pos_int),
+        "outbox_tick_interval": _get(env, "OUTBOX_TICK_INTERVAL", d.outbox_tick_interval, positive_duration),
+        "outbox_max_attempts": _get(env, "OUTBOX_MAX_ATTEMPTS", d.outbox_max_attempts, pos_int),
+        "outbox_base_delay": _get(env, "OUTBOX_BASE_DELAY", d.outbox_base_delay, duration),
+        "outbox_lock_timeout": _get(env, "OUTBOX_LOCK_TIMEOUT", d.outbox_lock_timeout, lambda n, r: parse_duration(n, r, minimum=1.0)),
+        "outbox_retention": _get(env, "OUTBOX_RETENTION", d.outbox_retention, positive_duration),
+    }
 
 
 def load_settings_from_environment(dotenv_path: str | os.PathLike[str] | None = ".env") -> Settings:
