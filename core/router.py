@@ -25,6 +25,10 @@ from core.payload import PAYLOAD_FORMATS
 from core.topic_trie import TopicTrie
 
 
+# The pattern of a consumer-only stream route (`Router.stream`): `$stream/<name>`, never an MQTT topic.
+STREAM_PATTERN_PREFIX = "$stream/"
+
+
 class RouteError(ValueError):
     """A route is invalid; the message names the pattern and the module."""
 
@@ -155,6 +159,7 @@ class Route:
     name: str = ""
     module: str = "?"
     options: dict[str, Any] = field(default_factory=dict)
+    subscribe: bool = True  # False: a consumer of a Redis stream only (`Router.stream`), no MQTT subscription
 
     @property
     def filter(self) -> str:
@@ -218,6 +223,32 @@ class Router:
             payload_format=payload_format, timeout=timeout, stream=stream, name=name, options=options,
         )
 
+    def stream(
+        self,
+        stream: str,
+        handler: Callable[..., Any],
+        *,
+        shared: bool = True,
+        middleware: Sequence[Middleware] = (),
+        payload_format: str = "auto",
+        timeout: float | None = None,
+        name: str | None = None,
+        **options: Any,
+    ) -> Route:
+        """Consume the Redis stream `stream`, written by other systems (no MQTT subscription; see docs/streams.md).
+
+        `shared=True` (the default) consumes it in the worker processes, `shared=False` in the main one.
+        """
+        module = sys._getframe(1).f_globals.get("__name__", "?")
+        if not isinstance(stream, str) or not stream or any(c in stream for c in "+#{}") or stream.startswith("$"):
+            raise RouteError(f"stream route {stream!r} (registered in {module}): the stream name must be non-empty, "
+                             "free of '+', '#', '{', '}' and not start with '$'")
+        return self._add(
+            f"{STREAM_PATTERN_PREFIX}{stream}", handler, module, qos=0, shared=shared, worker_count=1,
+            middleware=middleware, payload_format=payload_format, timeout=timeout, stream=stream, name=name,
+            options=options, subscribe=False,
+        )
+
     def route(self, pattern: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator form of `on`."""
         module = sys._getframe(1).f_globals.get("__name__", "?")
@@ -241,10 +272,11 @@ class Router:
         """Add every route of `other` under this router's prefix and middleware."""
         for route in other.routes:
             self._add(
-                _join(prefix, route.pattern), route.handler.fn, route.module, qos=route.qos, shared=route.shared,
+                _join(prefix, route.pattern) if route.subscribe else route.pattern, route.handler.fn, route.module,
+                qos=route.qos, shared=route.shared,
                 worker_count=route.worker_count, middleware=(*middleware, *route.middleware),
                 payload_format=route.payload_format, timeout=route.timeout, stream=route.stream,
-                name=route.name, options=dict(route.options),
+                name=route.name, options=dict(route.options), subscribe=route.subscribe,
             )
 
     def __enter__(self) -> "Router":
@@ -274,8 +306,9 @@ class Router:
         stream: str | None,
         name: str | None,
         options: dict[str, Any],
+        subscribe: bool = True,
     ) -> Route:
-        full = _join(self._prefix, pattern) if isinstance(pattern, str) else pattern
+        full = _join(self._prefix, pattern) if isinstance(pattern, str) and subscribe else pattern
         where = f"route {full!r} (registered in {module})"
         try:
             compiled = compile_pattern(full)
@@ -309,7 +342,7 @@ class Router:
         route = Route(
             pattern=full, handler=spec, compiled=compiled, qos=qos, shared=shared, worker_count=worker_count,
             middleware=tuple(chain), payload_format=payload_format, timeout=timeout, stream=stream,
-            name=name or spec.name, module=module, options=options,
+            name=name or spec.name, module=module, options=options, subscribe=subscribe,
         )
         self.routes.append(route)
         self._by_key[(compiled.filter, shared)] = route
@@ -343,7 +376,8 @@ class RouteTable:
         self.routes: tuple[Route, ...] = tuple(routes)
         self.trie: TopicTrie[Route] = TopicTrie()
         for route in self.routes:
-            self.trie.insert(route.filter, route)
+            if route.subscribe:
+                self.trie.insert(route.filter, route)
         self.by_subscription_id: tuple[Route | None, ...] = (None, *self.routes)
 
     def match(self, topic: str) -> list[Route]:

@@ -52,6 +52,7 @@ class Runtime:
         self.subscriptions = [
             Subscription(route.subscription_topic(settings.mqtt_group_name), route.qos, index + 1)
             for index, route in enumerate(self.table.routes)
+            if route.subscribe  # stream consumers (`Router.stream`) have no MQTT side
         ]
         self.client = MqttClient(
             settings, self.client_id, self._on_message_network_thread, subscriptions=self.subscriptions,
