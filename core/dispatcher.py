@@ -40,7 +40,7 @@ class _Endpoint:
     def __init__(self, route: Route, chain: CallNext, stats: ProcessStats) -> None:
         self.route = route
         self.chain = chain
-        self.timeout = route.timeout
+        self.timeout = route.timeout if route.stream is None else None  # a stream route's timeout is its consumer's
         self.fmt = route.payload_format
         self.pattern = route.pattern
         self.stats = stats.route(route.pattern)
@@ -81,11 +81,20 @@ class Dispatcher:
         self._endpoints: dict[int, _Endpoint] = {}
         self._by_sub_id: list[_Endpoint | None] = [None]
         for route in table.routes:
-            endpoint = _Endpoint(route, build_chain(route.middleware, self._make_handler_call(route)), stats)
+            endpoint = _Endpoint(route, self._make_chain(route), stats)
             self._endpoints[id(route)] = endpoint
             self._by_sub_id.append(endpoint)
 
     # -- building ---------------------------------------------------------------------------------
+
+    def _make_chain(self, route: Route) -> CallNext:
+        if route.stream is not None:
+            # The MQTT side of a stream route only appends to the stream (the ack waits for the XADD);
+            # middleware and handler run in the stream's consumers.
+            from core.streams import bridge_call
+
+            return bridge_call(route, self.services)
+        return build_chain(route.middleware, self._make_handler_call(route))
 
     def _make_handler_call(self, route: Route) -> CallNext:
         spec = route.handler
