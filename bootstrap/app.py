@@ -103,6 +103,9 @@ class Application:
         if router is None:
             router = merge_routers(discover_routers(settings.routers_package))
         app = cls(settings, router)
+        from bootstrap.services import feature_hooks  # Redis Streams, database + outbox (docs/streams.md, docs/outbox.md)
+
+        app.hook_factories.extend(feature_hooks(settings, router.routes))
         if settings.http_port is not None:
             from core.metrics import metrics_hooks  # latency histograms etc. for /metrics, in every process
 
