@@ -675,6 +675,8 @@ class StreamsHook:
             if route.stream is not None:
                 by_stream[route.stream].append(route)
         for stream, routes in by_stream.items():
+            if not consumes(runtime, routes):
+                continue
             consumer = StreamConsumer(self.redis, stream, routes, self.settings, runtime.services, runtime.stats,
                                       runtime.executor)
             consumer.start()
@@ -695,6 +697,20 @@ class StreamsHook:
             await self.redis.aclose()
         runtime.services.extras.pop(WRITER_KEY, None)
         runtime.services.extras.pop(REDIS_KEY, None)
+
+
+def consumes(runtime: "Runtime", routes: Sequence[Route]) -> bool:
+    """Whether this process joins the consumer group of a stream with these routes.
+
+    It does when it subscribes to one of the stream's routes on MQTT or the stream has
+    consumer-only routes (`Router.stream`). A runtime that only drains a parked session (no
+    subscriptions of its own) bridges what it receives but does not consume.
+    """
+    if any(not route.subscribe for route in routes):
+        return True
+    group = runtime.settings.mqtt_group_name
+    subscribed = {sub.topic for sub in runtime.client.subscriptions}
+    return any(route.subscription_topic(group) in subscribed for route in routes)
 
 
 def streams_hooks(settings: Settings, worker_id: str) -> list[StreamsHook]:

@@ -1,0 +1,1 @@
+"""Test app for the transactional outbox (tests/integration/test_outbox.py, bench/bench_outbox.py)."""

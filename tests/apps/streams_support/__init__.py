@@ -1,0 +1,1 @@
+"""Helpers shared by the stream and outbox integration tests and benchmarks."""
