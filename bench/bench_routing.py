@@ -23,6 +23,7 @@ import time
 import timeit
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -139,14 +140,14 @@ def measure(sizes: Sequence[int], topics_count: int, repeat: int, linear_limit: 
         builds.append(min(times))
         found.append(lookup_all(table, topics) / len(topics))
     fns: list[Callable[[], object]] = [
-        (lambda t=table, ts=topics: lookup_all(t, ts)) for table, topics in zip(tables, topic_sets)
+        partial(lookup_all, table, topics) for table, topics in zip(tables, topic_sets)
     ]
     lookups = interleaved_best(fns, [len(ts) for ts in topic_sets], repeat)
     linear_idx = [k for k, n in enumerate(sizes) if n <= linear_limit]
     # The linear scan of a big table is slow: a tenth of the topics is enough there.
     few = [topic_sets[k] if sizes[k] <= 1000 else topic_sets[k][: max(10, topics_count // 10)] for k in linear_idx]
     linear = interleaved_best(
-        [(lambda t=tables[k], ts=ts: linear_all(t.routes, ts)) for k, ts in zip(linear_idx, few)],
+        [partial(linear_all, tables[k].routes, ts) for k, ts in zip(linear_idx, few)],
         [len(ts) for ts in few], max(3, repeat // 3),
     )
     linear_by_k = dict(zip(linear_idx, linear))

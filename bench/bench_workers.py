@@ -266,7 +266,7 @@ class WorkersRun:
     machine_busy: float  # share of all CPUs busy (everyone's processes) during the throughput run
 
 
-def run_once(broker: Broker, workers: int, args: argparse.Namespace, iters: int) -> WorkersRun:
+def run_once(broker: MosquittoServer, workers: int, args: argparse.Namespace, iters: int) -> WorkersRun:
     tag = uuid.uuid4().hex[:8]
     out_dir = Path(tempfile.mkdtemp(prefix=f"bench-workers-{tag}-"))
     env = {
