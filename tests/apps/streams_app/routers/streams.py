@@ -8,6 +8,7 @@ STREAMS_APP_POISON   this seq always raises
 STREAMS_APP_KILL_SEQ this seq SIGKILLs its process while handling it, once (STREAMS_APP_MARKER remembers)
 STREAMS_APP_DELAY    seconds each handler awaits first
 STREAMS_APP_EXTERNAL also consume this stream (written by others) with the same recorder
+STREAMS_APP_INLINE   "1": the same route without stream= (the handler runs inline; for benchmarks)
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ async def handle(seq: str, payload: str, context: MessageContext) -> None:
     if seq == _KILL and _MARKER and not os.path.exists(_MARKER):
         open(_MARKER, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
-    record(context.worker_id, seq, context.state["stream"].attempt)
+    delivery = context.state.get("stream")
+    record(context.worker_id, seq, delivery.attempt if delivery is not None else 1)
 
 
 async def handle_external(payload: dict, context: MessageContext) -> None:
@@ -53,7 +55,10 @@ async def handle_external(payload: dict, context: MessageContext) -> None:
 
 router = Router()
 _stream = os.environ.get("STREAMS_APP_STREAM", "")
-if _stream:
+if os.environ.get("STREAMS_APP_INLINE") == "1":
+    router.on(f"{os.environ.get('STREAMS_APP_TOPIC', 'streams-app')}/{{seq}}", handle, qos=1, shared=True,
+              payload_format="text")
+elif _stream:
     router.on(f"{os.environ.get('STREAMS_APP_TOPIC', 'streams-app')}/{{seq}}", handle, qos=1, stream=_stream,
               shared=os.environ.get("STREAMS_APP_SHARED", "1") == "1", payload_format="text")
 if os.environ.get("STREAMS_APP_EXTERNAL"):
