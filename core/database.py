@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import MetaData, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 
@@ -92,16 +92,18 @@ class Database:
             await conn.execute(text("SELECT 1"))
 
     async def create_tables(self, *metadatas: MetaData, attempts: int = 5) -> None:
-        """CREATE TABLE for what is missing. Several processes may race here; the loser retries."""
+        """CREATE TABLE for what is missing. Several processes may race here; the loser checks again."""
         for attempt in range(attempts):
             try:
                 async with self.engine.begin() as conn:
                     for metadata in metadatas:
                         await conn.run_sync(metadata.create_all, checkfirst=True)
                 return
-            except (DBAPIError, SQLAlchemyError) as exc:
-                if attempt == attempts - 1 or _is_unreachable(exc):
-                    raise DatabaseError(f"DATABASE_URL={safe_url(self.url)}: cannot create tables: {exc}") from exc
+            except (SQLAlchemyError, OSError) as exc:
+                if attempt == attempts - 1 or not _lost_a_race(exc):
+                    first_line = (str(exc).splitlines() or [""])[0]
+                    raise DatabaseError(f"DATABASE_URL={safe_url(self.url)}: cannot create tables: "
+                                        f"{type(exc).__name__}: {first_line}") from exc
                 log.info("creating tables raced with another process (%s); checking again", type(exc).__name__)
                 await asyncio.sleep(0.2 * (attempt + 1))
 
@@ -112,6 +114,7 @@ class Database:
         return f"<Database {safe_url(self.url)}>"
 
 
-def _is_unreachable(exc: BaseException) -> bool:
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated or isinstance(
-        getattr(exc, "orig", None), (ConnectionError, OSError))
+def _lost_a_race(exc: BaseException) -> bool:
+    """Another process created the same table (or its type/index) between our check and our CREATE."""
+    text_ = str(exc).lower()
+    return "already exists" in text_ or "duplicate" in text_ or "unique" in text_

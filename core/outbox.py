@@ -519,7 +519,12 @@ class DatabaseHook:
         settings = self.settings
         self.database = database = Database(settings.database_url)
         if settings.database_create_tables:
-            await database.create_tables(Base.metadata, self.table.metadata)
+            try:
+                await database.create_tables(Base.metadata, self.table.metadata)
+            except DatabaseError as exc:
+                log.error("%s", exc)
+                await database.dispose()
+                raise
         services = runtime.services
         extras = services.extras
         redis_enabled = settings.enable_redis

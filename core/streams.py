@@ -256,6 +256,8 @@ class StreamWriter:
                 pipe.xadd(stream, fields, maxlen=self._maxlen, approximate=True)
             try:
                 results = await pipe.execute(raise_on_error=False)
+            except asyncio.CancelledError:
+                raise
             except down as exc:
                 if not self.down:
                     log.warning("Redis unreachable (%s: %s): holding %d MQTT acknowledgement(s) until it is back; "
@@ -264,6 +266,11 @@ class StreamWriter:
                 await asyncio.sleep(_reconnect_delay(failures))
                 failures += 1
                 continue
+            except Exception as exc:  # noqa: BLE001 - e.g. a field Redis cannot encode: fail these callers, keep writing
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(StreamError(f"XADD failed: {type(exc).__name__}: {exc}"))
+                return
             if self.down:
                 log.warning("Redis is reachable again: appending to streams")
                 self.down = False

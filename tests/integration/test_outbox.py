@@ -171,8 +171,15 @@ async def test_broker_down_for_seconds_everything_published_after_it_returns(
         await asyncio.to_thread(broker.start)
         await _until(lambda: len(collector.snapshot()) >= 200, "200 messages after the broker came back", 40)
         database = runtime.services.extras["database"]
-        async with database.engine.connect() as conn:
-            rows = list(await conn.execute(text("SELECT status, attempts FROM outbox")))
+
+        async def statuses() -> list[Any]:
+            async with database.engine.connect() as conn:
+                return list(await conn.execute(text("SELECT status, attempts FROM outbox")))
+
+        deadline = time.monotonic() + 20
+        while {status for status, _ in await statuses()} != {PUBLISHED} and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        rows = await statuses()
         assert Counter(rows) == {(PUBLISHED, 1): 200}, "published once each, no attempt spent while the broker was away"
         assert max(collector.snapshot().values()) == 1
     finally:
@@ -223,8 +230,8 @@ async def _write_outbox_rows(url: str, prefix: str, count: int) -> None:
     db = Database(url)
     table = outbox_table("outbox")
     try:
-        for n in range(count):
-            async with UnitOfWork(db, table) as tx:
+        async with UnitOfWork(db, table) as tx:  # one commit: the other process claims them in one batch
+            for n in range(count):
                 tx.publish(f"{prefix}/out/{n}", {"n": n})
     finally:
         await db.dispose()
