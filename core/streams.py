@@ -253,7 +253,7 @@ class StreamWriter:
                 return
             pipe = self._redis.pipeline(transaction=False)
             for stream, fields, _ in batch:
-                pipe.xadd(stream, fields, maxlen=self._maxlen, approximate=True)
+                pipe.xadd(stream, fields, maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
             try:
                 results = await pipe.execute(raise_on_error=False)
             except asyncio.CancelledError:
@@ -429,7 +429,7 @@ class StreamConsumer:
                 if time.monotonic() >= self._next_claim:
                     self._next_claim = time.monotonic() + self.claim_every
                     await self._reclaim()
-                response = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=self.batch,
+                response: Any = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=self.batch,
                                                        block=BLOCK_MS)
                 if self.down:
                     log.warning("stream %r: Redis is reachable again; consuming", self.stream)
@@ -579,7 +579,7 @@ class StreamConsumer:
             try:
                 # XCLAIM counts the delivery and resets the idle time; it returns nothing if another
                 # consumer took the entry meanwhile or it was trimmed away.
-                claimed = await self.redis.xclaim(self.stream, self.group, self.consumer,
+                claimed: Any = await self.redis.xclaim(self.stream, self.group, self.consumer,
                                                   int(self.retry_delay * 900), [entry_id])
                 break
             except redis_errors():
@@ -632,7 +632,7 @@ class StreamConsumer:
 
     async def _dead_letter(self, entry_id: Any, fields: dict[Any, Any], attempts: int, error: BaseException) -> None:
         """Move the entry to `<stream>:dlq` with the error and attempt count, and acknowledge it (atomically)."""
-        entry = {
+        entry: dict[Any, Any] = {
             "error": f"{type(error).__name__}: {error}"[:4096],
             "error_type": type(error).__name__,
             "attempts": str(attempts),
