@@ -66,7 +66,7 @@ class Runtime:
             use_subscription_ids=lambda: self.client.subscription_ids_available,
             on_complete=self._on_complete,
         )
-        self._v5 = self.client.v5
+        self._max_inflight = settings.max_inflight
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: deque[tuple[Any, int]] = deque()
         self._wakeup_scheduled = False
@@ -80,12 +80,12 @@ class Runtime:
     # -- network thread -> loop ---------------------------------------------------------------
 
     def _on_message_network_thread(self, message: Any, generation: int) -> None:
-        # Backpressure. On MQTT 5 the broker never has more than Receive Maximum (= MAX_INFLIGHT)
-        # unacknowledged QoS 1/2 messages out to us, and we ack only after the handlers, so those
-        # are bounded without waiting here. QoS 0 (and 3.1.1, which has no Receive Maximum) stop
-        # reading the socket while MAX_INFLIGHT messages are queued or running.
-        limit = self.settings.max_inflight
-        if self._received - self.dispatcher.completed >= limit and (message.qos == 0 or not self._v5):
+        # Backpressure: stop reading the socket while MAX_INFLIGHT messages are queued or running.
+        # On MQTT 5 the broker should never have more than Receive Maximum (= MAX_INFLIGHT)
+        # unacknowledged QoS 1/2 messages out to us, but Mosquitto 2.0.x overshoots it by hundreds
+        # when acks trickle in during a backlog, and QoS 0 (and 3.1.1) have no such limit at all.
+        limit = self._max_inflight
+        if self._received - self.dispatcher.completed >= limit:
             self._wait_for_room(limit)
         self._received += 1
         self._inbox.append((message, generation))
