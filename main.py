@@ -19,7 +19,9 @@ commands:
 
 examples:
   python main.py                      # single process; embedded broker unless MQTT_BROKER is set
-  python main.py --workers            # supervisor + one worker process per CPU core for shared routes
+  python main.py --workers            # supervisor + worker processes for the shared routes: as many as the
+                                      # largest worker_count of a shared route (each route on exactly its
+                                      # worker_count workers); one per CPU core if none sets it above 1
   python main.py --workers 4          # four worker processes, each subscribed to every shared route
   python main.py routes
   python main.py publish devices/42/status '{"state": "on"}' --qos 1
@@ -36,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", nargs="?", default="run", choices=("run", "routes", "publish"), help="what to do (default: run)")
     parser.add_argument("args", nargs="*", help="for publish: TOPIC PAYLOAD")
     parser.add_argument("--workers", nargs="?", const=0, type=int, metavar="N",
-                        help="run shared routes in N worker processes (no N: one per CPU core; WORKER_COUNT also sets it)")
+                        help="run shared routes in N worker processes, each on every shared route (WORKER_COUNT also sets "
+                             "N). No N: the largest worker_count of the shared routes, worker i on the routes with "
+                             "worker_count > i; one per CPU core if no shared route sets worker_count above 1")
     parser.add_argument("--test-mode", action="store_true",
                         help="handle what is available and exit 0 after TEST_MODE_IDLE seconds without messages")
     parser.add_argument("--debug", action="store_true", help="log at DEBUG level (overrides LOG_LEVEL)")

@@ -79,6 +79,16 @@ def test_help_documents_commands_and_options() -> None:
         assert text in result.stdout
 
 
+def test_help_says_how_workers_without_a_number_are_counted() -> None:
+    """As plan_workers does it: the largest worker_count first, one per CPU core only as the fallback."""
+    result = run_main("--help", env=base_env(COLUMNS="100"))
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "No N: the largest worker_count of the shared routes" in text
+    assert "one per CPU core if no shared route sets worker_count above 1" in text
+    assert "no N: one per CPU core" not in text
+
+
 @pytest.fixture
 def app_processes() -> Iterator[list[AppProcess]]:
     apps: list[AppProcess] = []
@@ -101,7 +111,7 @@ async def test_without_mqtt_broker_the_embedded_broker_serves_the_example_app(
     probe = await probe_factory(target)
     await probe.subscribe("dead-letter/#")
     await probe.publish("devices/42/status", {"state": "on"})
-    await app.wait_output("device 42 reports 'on'")
+    await app.wait_output("device 42 reported its status")
     # The shared route works on the embedded broker too; a bad reading goes to the dead letter topic.
     await probe.publish("sensors/s1/data", {"value": "not a number"})
     (letter,) = await probe.wait_count("dead-letter/", 1)
