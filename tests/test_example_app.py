@@ -58,3 +58,18 @@ def test_the_example_app_with_the_sync_form() -> None:
     with TestClient("app.routers") as client:
         result = client.publish_sync("devices/1/status", "online", response_topic="r")
     assert result.responses[0].json() == {"device_id": "1", "received": True}
+
+
+async def test_device_status_logs_no_payload_contents_at_info(app: Application,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    secret = "state-7f3a9c"
+    with caplog.at_level("INFO", logger="app.controllers"):
+        async with TestClient(app) as client:
+            await client.publish("devices/42/status", {"state": secret}, qos=1)
+    assert "device 42 reported its status" in caplog.messages
+    assert not any(secret in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="app.controllers"):
+        async with TestClient(app) as client:
+            await client.publish("devices/42/status", {"state": secret}, qos=1)
+    assert f"device 42 reports {secret!r}" in caplog.messages  # DEBUG may have it
