@@ -102,6 +102,20 @@ def test_compose_runs_broker_redis_postgres_and_the_app_with_workers() -> None:
     assert _seconds(app["stop_grace_period"]) > settings.shutdown_timeout + STOP_GRACE
 
 
+def test_compose_redis_persists_streams_in_a_volume() -> None:
+    """docs/streams.md: nothing is lost across a Redis restart only with `appendonly yes`."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    redis = compose["services"]["redis"]
+    command = [str(part) for part in redis["command"]]
+    assert command[0] == "redis-server"
+    options = dict(zip(command[1::2], command[2::2]))
+    assert options["--appendonly"] == "yes"
+    data_dir = options.get("--dir", "/data")
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in redis["volumes"]}
+    assert data_dir in mounts, "Redis writes its append-only file to a directory without a volume"
+    assert mounts[data_dir] in compose["volumes"]  # a named volume, not the container's layer
+
+
 def _seconds(text: str) -> float:
     match = re.fullmatch(r"(\d+)(s|m)", str(text))
     assert match, text
