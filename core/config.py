@@ -130,6 +130,7 @@ class Settings:
     # Workers (used by core.worker_manager).
     worker_count: int | None = None
     worker_heartbeat_timeout: float = 30.0
+    worker_handler_timeout: float = 300.0  # a worker whose oldest handler runs longer is replaced; 0 = off
     worker_max_restarts: int = 5
     worker_restart_window: float = 60.0
     worker_max_messages: int = 0
@@ -250,6 +251,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         routers_package=_get(env, "ROUTERS_PACKAGE", d.routers_package, text),
         worker_count=_get(env, "WORKER_COUNT", d.worker_count, pos_int),
         worker_heartbeat_timeout=_get(env, "WORKER_HEARTBEAT_TIMEOUT", d.worker_heartbeat_timeout, pos_float),
+        worker_handler_timeout=_get(env, "WORKER_HANDLER_TIMEOUT", d.worker_handler_timeout, nonneg_float),
         worker_max_restarts=_get(env, "WORKER_MAX_RESTARTS", d.worker_max_restarts, nonneg_int),
         worker_restart_window=_get(env, "WORKER_RESTART_WINDOW", d.worker_restart_window, pos_float),
         worker_max_messages=_get(env, "WORKER_MAX_MESSAGES", d.worker_max_messages, nonneg_int),

@@ -29,6 +29,8 @@ def test_defaults_from_an_empty_environment() -> None:
     assert s.max_inflight == 100
     assert s.dead_letter_topic == "dead-letter/{topic}"
     assert s.shutdown_timeout == 30.0
+    assert s.worker_handler_timeout == 300.0
+    assert load_settings({"WORKER_HANDLER_TIMEOUT": "0"}).worker_handler_timeout == 0.0
     assert s.log_level == "INFO"
 
 
@@ -120,6 +122,7 @@ def test_blank_values_mean_default() -> None:
         ("LOG_LEVEL", "verbose"),
         ("LOG_FORMAT", "xml"),
         ("WORKER_COUNT", "0"),
+        ("WORKER_HANDLER_TIMEOUT", "-1"),
         ("STATS_INTERVAL", "x"),
     ],
 )
