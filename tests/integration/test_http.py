@@ -286,3 +286,38 @@ async def test_ready_checks_redis_and_the_database_when_enabled(redis_factory: A
         assert status == 200
     finally:
         await ops.stop()
+
+
+async def test_ready_names_the_database_while_it_is_unreachable_and_recovers() -> None:
+    """A TCP proxy in front of the machine's PostgreSQL is taken away and brought back on the same port:
+    /ready turns 503 naming the database, then 200 again through the check's (pooled) engine."""
+    from core.http import default_checks
+    from tests.support.ops import TcpProxy
+
+    proxy = TcpProxy("127.0.0.1", 5432)
+    await proxy.start()
+    settings = load_settings({"HTTP_PORT": "0", "HTTP_CHECK_TIMEOUT": "2", "ENABLE_DATABASE": "true",
+                              "DATABASE_URL": f"postgresql+asyncpg://postgres@127.0.0.1:{proxy.port}/test"})
+    ops = OpsServer(settings, FixedSource(), checks=default_checks(settings))
+    ops.CHECK_CACHE = 0
+    await ops.start()
+    try:
+        url = f"http://127.0.0.1:{ops.port}/ready"
+        status, body = await asyncio.to_thread(http_get, url)
+        if status != 200 and "database" in body:
+            pytest.fail(f"PostgreSQL on 127.0.0.1:5432 (trust, database `test`) is needed: {body}")
+        assert (status, json.loads(body)["checks"]) == (200, {"database": "ok"})
+
+        await proxy.stop()
+        status, body = await asyncio.to_thread(http_get, url)
+        result = json.loads(body)
+        assert status == 503 and result["ready"] is False
+        assert len(result["reasons"]) == 1 and result["reasons"][0].startswith("database: ")
+        assert result["checks"]["database"] != "ok"
+
+        await proxy.start()  # same port
+        status, body = await asyncio.to_thread(http_get, url)
+        assert (status, json.loads(body)["checks"]) == (200, {"database": "ok"})
+    finally:
+        await ops.stop()
+        await proxy.stop()
