@@ -60,7 +60,15 @@ WRITE_BATCH = 500  # XADDs per pipeline
 
 
 class StreamError(RuntimeError):
-    """Redis answered a stream command with an error (not a lost connection)."""
+    """Redis refused to store this entry for a reason that retrying will not fix (e.g. WRONGTYPE)."""
+
+
+# Error replies meaning "this server cannot take writes right now", whatever the command: a replica
+# during failover (READONLY), maxmemory with noeviction (OOM), a long script (BUSY), loading the
+# dataset (LOADING), cluster resharding or outages, persistence failing (MISCONF), missing replicas.
+TRANSIENT_REPLIES = frozenset({
+    "READONLY", "OOM", "BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "MISCONF", "NOREPLICAS",
+})
 
 
 def redis_errors() -> tuple[type[BaseException], ...]:
@@ -69,6 +77,29 @@ def redis_errors() -> tuple[type[BaseException], ...]:
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     return (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """The connection failed (as opposed to Redis answering with an error)."""
+    return isinstance(exc, redis_errors())
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Redis cannot take the command now but will later: unreachable, or a transient error reply.
+
+    Such failures are held and retried with backoff, never dead-lettered or counted as attempts.
+    """
+    if is_unreachable(exc):
+        return True
+    from redis.exceptions import ResponseError
+
+    if not isinstance(exc, ResponseError):
+        return False
+    code = getattr(exc, "status_code", None)  # set by redis-py for the replies it knows (OOM, READONLY, ...)
+    if not code:
+        text = str(exc.args[0]) if exc.args else ""
+        code = text.split(" ", 1)[0]
+    return code in TRANSIENT_REPLIES
 
 
 def make_redis(settings: Settings) -> "Redis":
@@ -245,7 +276,6 @@ class StreamWriter:
             await self._write(batch)
 
     async def _write(self, batch: list[tuple[str, dict[str, Any], asyncio.Future[Any]]]) -> None:
-        down = redis_errors()
         failures = 0
         while True:
             batch = [item for item in batch if not item[2].done()]
@@ -258,31 +288,52 @@ class StreamWriter:
                 results = await pipe.execute(raise_on_error=False)
             except asyncio.CancelledError:
                 raise
-            except down as exc:
-                if not self.down:
-                    log.warning("Redis unreachable (%s: %s): holding %d MQTT acknowledgement(s) until it is back; "
-                                "retrying", type(exc).__name__, exc, len(batch) + len(self._queue))
-                self.down = True
-                await asyncio.sleep(_reconnect_delay(failures))
-                failures += 1
-                continue
-            except Exception as exc:  # noqa: BLE001 - e.g. a field Redis cannot encode: fail these callers, keep writing
-                for _, _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(StreamError(f"XADD failed: {type(exc).__name__}: {exc}"))
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if is_transient(exc):
+                    self._hold(exc, len(batch))
+                    await asyncio.sleep(_reconnect_delay(failures))
+                    failures += 1
+                    continue
+                if len(batch) > 1:
+                    # Something in the batch could not even be sent (e.g. a field redis-py cannot encode):
+                    # write the entries one by one, so only the culprit fails.
+                    for item in batch:
+                        await self._write([item])
+                    return
+                batch[0][2].set_exception(StreamError(f"XADD failed: {type(exc).__name__}: {exc}"))
                 return
-            if self.down:
-                log.warning("Redis is reachable again: appending to streams")
-                self.down = False
-            for (stream, _, fut), result in zip(batch, results):
+            held: list[tuple[str, dict[str, Any], asyncio.Future[Any]]] = []
+            reason: BaseException | None = None
+            for item, result in zip(batch, results):
+                stream, _, fut = item
                 if fut.done():
                     continue
                 if isinstance(result, Exception):
-                    fut.set_exception(StreamError(f"XADD to stream {stream!r} failed: {result}"))
+                    if is_transient(result):
+                        held.append(item)  # e.g. OOM or READONLY: the broker keeps the message meanwhile
+                        reason = result
+                    else:
+                        fut.set_exception(StreamError(f"XADD to stream {stream!r} failed: {result}"))
                 else:
                     self.appended += 1
                     fut.set_result(result)
-            return
+            if reason is None:
+                if self.down:
+                    log.warning("Redis is reachable again: appending to streams")
+                    self.down = False
+                return
+            self._hold(reason, len(held))
+            batch = held
+            await asyncio.sleep(_reconnect_delay(failures))
+            failures += 1
+
+    def _hold(self, exc: BaseException, count: int) -> None:
+        """Log (once per outage) that MQTT acknowledgements wait until Redis takes entries again."""
+        if not self.down:
+            what = "Redis unreachable" if is_unreachable(exc) else "Redis cannot take entries now"
+            log.warning("%s (%s: %s): holding %d MQTT acknowledgement(s) until it is back; retrying", what,
+                        type(exc).__name__, exc, count + len(self._queue))
+        self.down = True
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -419,7 +470,6 @@ class StreamConsumer:
     # -- the loop --
 
     async def _run(self) -> None:
-        down = redis_errors()
         failures = 0
         while not self._stopping:
             try:
@@ -437,21 +487,22 @@ class StreamConsumer:
                 failures = 0
                 for _stream, entries in response or ():
                     await self._handle_batch([(entry_id, fields, 1) for entry_id, fields in entries])
-            except down as exc:
-                if not self.down:
-                    log.warning("stream %r: Redis unreachable (%s: %s); retrying with backoff", self.stream,
-                                type(exc).__name__, exc)
-                self.down = True
-                await asyncio.sleep(_reconnect_delay(failures))
-                failures += 1
             except Exception as exc:
                 from redis.exceptions import ResponseError
 
-                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                if is_transient(exc):
+                    if not self.down:
+                        what = "Redis unreachable" if is_unreachable(exc) else "Redis cannot serve the group now"
+                        log.warning("stream %r: %s (%s: %s); retrying with backoff", self.stream, what,
+                                    type(exc).__name__, exc)
+                    self.down = True
+                    await asyncio.sleep(_reconnect_delay(failures))
+                    failures += 1
+                elif isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
                     self._group_ready = False  # the stream was deleted: create it (and the group) again
-                    continue
-                log.exception("stream %r: consumer error; retrying in 1 s", self.stream)
-                await asyncio.sleep(1.0)
+                else:
+                    log.exception("stream %r: consumer error; retrying in 1 s", self.stream)
+                    await asyncio.sleep(1.0)
 
     async def _ensure_group(self) -> None:
         from redis.exceptions import ResponseError
@@ -582,7 +633,9 @@ class StreamConsumer:
                 claimed: Any = await self.redis.xclaim(self.stream, self.group, self.consumer,
                                                   int(self.retry_delay * 900), [entry_id])
                 break
-            except redis_errors():
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 await asyncio.sleep(_reconnect_delay(failures))
                 failures += 1
         self.counters.retried += 1
@@ -590,8 +643,10 @@ class StreamConsumer:
             if fields:
                 try:
                     await self._handle_batch([(claimed_id, fields, attempt + 1)])
-                except redis_errors():
-                    pass  # the acknowledgement waits in _to_ack for the consumer loop
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    # otherwise the acknowledgement waits in _to_ack for the consumer loop
 
     async def _reclaim(self) -> None:
         """Take over entries another consumer left pending longer than STREAM_CLAIM_IDLE_MS."""

@@ -155,3 +155,23 @@ def test_main_refuses_to_start_a_stream_route_without_redis(tmp_path: Path) -> N
     assert result.returncode == 2
     assert "route 'orders/{seq}' (registered in tests.apps.streams_app.routers.streams) uses the Redis stream " \
            "'orders', but Redis is disabled: set ENABLE_REDIS=true" in result.stderr
+
+
+def test_transient_redis_errors_are_held_and_others_are_not() -> None:
+    from redis.exceptions import (
+        BusyLoadingError, ConnectionError, OutOfMemoryError, ReadOnlyError, ResponseError, TimeoutError,
+    )
+
+    from core.streams import is_transient, is_unreachable
+
+    for exc in (ConnectionError("refused"), TimeoutError("slow"), OSError("reset"), BusyLoadingError("loading"),
+                ReadOnlyError("You can't write against a read only replica.", status_code="READONLY"),
+                OutOfMemoryError("command not allowed when used memory > 'maxmemory'.", status_code="OOM"),
+                ResponseError("BUSY Redis is busy running a script."),
+                ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist"),
+                ResponseError("TRYAGAIN Multiple keys request during rehashing of slot")):
+        assert is_transient(exc), exc
+    for exc in (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+                ResponseError("ERR syntax error"), ValueError("x")):
+        assert not is_transient(exc), exc
+    assert is_unreachable(ConnectionError("refused")) and not is_unreachable(OutOfMemoryError("oom"))

@@ -236,3 +236,49 @@ async def _until(condition: Any, what: str, timeout: float = 30.0) -> None:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         await asyncio.sleep(0.02)
 
+
+
+async def test_redis_out_of_memory_holds_messages_and_dead_letters_none(
+        mosquitto: MosquittoServer, redis_factory: Any, unique_id: str, caplog: pytest.LogCaptureFixture) -> None:
+    """XADD answered with OOM (maxmemory reached, noeviction): the MQTT acks wait; after the limit is raised
+    every message is appended and handled, and none was dead-lettered."""
+    server: RedisServer = redis_factory(extra_args=["--maxmemory-policy", "noeviction"])
+    stream, count = f"orders-{unique_id}", 20
+    handled: list[int] = []
+
+    async def placed(seq: str) -> None:
+        handled.append(int(seq))
+
+    router = Router()
+    router.on(f"{unique_id}/orders/{{seq}}", placed, qos=1, stream=stream)
+    settings = load_settings({
+        "MQTT_BROKER": mosquitto.host, "MQTT_PORT": str(mosquitto.port), "MQTT_CLIENT_ID": unique_id,
+        "MQTT_GROUP_NAME": f"g{unique_id}", "ENABLE_REDIS": "true", "REDIS_URL": server.url, "SHUTDOWN_TIMEOUT": "5",
+    })
+    app = Application.load(settings, router)
+    runtime = app.make_runtime(app.routes)
+    caplog.set_level(logging.WARNING, logger="core.streams")
+    client = redis.Redis(host=server.host, port=server.port)
+    await runtime.start()
+    publisher = Publisher(mosquitto.port)
+    try:
+        assert await runtime.wait_ready(20)
+        await _until(lambda: client.exists(stream), "the consumer group (and its stream) to exist")
+        client.config_set("maxmemory", "1")  # every XADD is now refused with OOM
+        writer = runtime.services.extras["stream_writer"]
+        await asyncio.to_thread(publisher.publish, _messages(f"{unique_id}/orders", count))
+        await _until(lambda: writer.down and runtime.dispatcher.inflight == count, "all messages held, unacknowledged")
+        assert handled == [] and client.xlen(stream) == 0
+        assert runtime.stats.dead_lettered == 0
+        client.config_set("maxmemory", "0")
+        await _until(lambda: sorted(handled) == list(range(count)), f"all {count} handled after the limit was raised")
+        await _until(lambda: runtime.dispatcher.inflight == 0, "every MQTT message acknowledged")
+        assert runtime.stats.dead_lettered == 0
+        assert runtime.stats.routes[f"{unique_id}/orders/{{seq}}"].dead_lettered == 0
+        assert client.xlen(stream) == count
+        assert "Redis cannot take entries now (OutOfMemoryError" in caplog.text
+        assert "Redis is reachable again" in caplog.text
+    finally:
+        publisher.close()
+        client.close()
+        await runtime.stop()
