@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, Sequence
@@ -57,7 +56,7 @@ class Runtime:
         self.client = MqttClient(
             settings, self.client_id, self._on_message_network_thread, subscriptions=self.subscriptions,
             receive_maximum=settings.max_inflight, session_expiry=session_expiry, name=f"mqtt[{worker_id}]",
-            on_batch_end=self._wake_loop,
+            on_batch_end=self._wake_loop, may_read=self._has_room,
         )
         self.services = Services(self.client, worker_id)
         self.executor = ThreadPoolExecutor(max_workers=settings.sync_handler_threads, thread_name_prefix="handler")
@@ -71,7 +70,6 @@ class Runtime:
         self._inbox: deque[tuple[Any, int]] = deque()
         self._wakeup_scheduled = False
         self._received = 0  # written by the network thread only
-        self._room = threading.Event()
         self._waiting_for_room = False
         self._stop_event: asyncio.Event | None = None
         self._stopping = False
@@ -80,29 +78,30 @@ class Runtime:
     # -- network thread -> loop ---------------------------------------------------------------
 
     def _on_message_network_thread(self, message: Any, generation: int) -> None:
-        # Backpressure: stop reading the socket while MAX_INFLIGHT messages are queued or running.
-        # On MQTT 5 the broker should never have more than Receive Maximum (= MAX_INFLIGHT)
-        # unacknowledged QoS 1/2 messages out to us, but Mosquitto 2.0.x overshoots it by hundreds
-        # when acks trickle in during a backlog, and QoS 0 (and 3.1.1) have no such limit at all.
-        limit = self._max_inflight
-        if self._received - self.dispatcher.completed >= limit:
-            self._wait_for_room(limit)
         self._received += 1
         self._inbox.append((message, generation))
 
-    def _wait_for_room(self, limit: int) -> None:
-        # Never wait while a handler waits for a PUBACK: only this thread can read it.
-        self._wake_loop()  # the loop must see what is queued, or no room would ever free up
-        while (
-            self._received - self.dispatcher.completed >= limit
-            and not self._stopping
-            and self.client.publishes_pending == 0
+    def _has_room(self) -> bool:
+        """Network thread: may it read another message from the socket?
+
+        Backpressure: no while MAX_INFLIGHT messages are queued or running. On MQTT 5 the broker
+        should never have more than Receive Maximum (= MAX_INFLIGHT) unacknowledged QoS 1/2
+        messages out to us, but Mosquitto 2.0.x overshoots it by hundreds when acks trickle in
+        during a backlog, and QoS 0 (and 3.1.1) have no such limit at all. Reading goes on while a
+        handler waits for a PUBACK of its own publish: only this thread can read it.
+        """
+        if (
+            self._received - self.dispatcher.completed < self._max_inflight
+            or self.client.publishes_pending
+            or self._stopping
         ):
-            self._room.clear()
+            return True
+        self._wake_loop()  # the loop must see what is queued, or no room would ever free up
+        if not self._waiting_for_room:
+            # Publish the flag, then look again: a handler finishing in between sees the flag.
             self._waiting_for_room = True
-            self.client.run_commands()  # acks of finished handlers must still go out
-            self._room.wait(0.05)
-        self._waiting_for_room = False
+            return self._received - self.dispatcher.completed < self._max_inflight
+        return False
 
     def _wake_loop(self) -> None:
         """Network thread: hand the messages read so far to the event loop (once per batch)."""
@@ -125,7 +124,8 @@ class Runtime:
 
     def _on_complete(self) -> None:
         if self._waiting_for_room:
-            self._room.set()
+            self._waiting_for_room = False
+            self.client.wake()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -156,7 +156,7 @@ class Runtime:
     async def stop(self, *, session_expiry: int | None = None) -> bool:
         """Stop receiving, finish in-flight handlers (up to SHUTDOWN_TIMEOUT), ack them, disconnect."""
         self._stopping = True
-        self._room.set()
+        self.client.wake()
         self.dispatcher.stop_accepting()
         self._drain_inbox()  # messages already handed over are counted, not silently lost
         log.info("stopping: %d handler(s) in flight", self.dispatcher.inflight)

@@ -5,6 +5,7 @@ embedded amqtt broker (MQTT 3.1.1). Handlers are closures that record what they 
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from typing import Any, Callable
 
@@ -435,6 +436,14 @@ async def test_max_inflight_holds_under_a_qos1_flood(broker: BrokerTarget, serve
     await wait_until(lambda: len(handled) >= total, f"all {total} messages handled", 60)
     assert sorted(handled) == list(range(total))
     assert 1 <= peak[0] <= limit
+
+
+async def test_client_socket_sends_small_packets_at_once(broker: BrokerTarget, serve: ServeFn) -> None:
+    """PUBACKs are tiny: with Nagle's algorithm on they would wait for the broker's delayed ACK."""
+    runtime = await serve(broker, Router())
+    sock = runtime.client._paho.socket()
+    assert sock is not None
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 async def test_max_inflight_holds_while_handlers_wait_for_their_own_publishes(
