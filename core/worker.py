@@ -7,8 +7,12 @@ process has started.
 
 Messages to the supervisor are dicts with a "type": `hello`, `ready`, `hb` (heartbeat with
 stats), `recycling`, `stopping`, `bye`. Heartbeats are sent from the event loop, so a handler that
-blocks the loop stops them and the supervisor replaces the process. From the supervisor: `go`
-(a pre-started successor may connect now) and `stop`.
+blocks the loop stops them and the supervisor replaces the process. A handler that hangs without
+blocking the loop (a plain one stuck in the thread pool, an async one awaiting forever) leaves the
+heartbeats going, so each heartbeat also carries the age and route of the oldest handler in flight
+(`HandlerWatch`) and the supervisor replaces a worker whose oldest handler has run longer than
+WORKER_HANDLER_TIMEOUT. From the supervisor: `go` (a pre-started successor may connect now) and
+`stop`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Sequence
 
 if TYPE_CHECKING:
     from core.router import Route
@@ -240,6 +244,54 @@ async def _announce_ready(runtime: "Runtime", link: _Link, stale: list[str]) -> 
                "subscriptions": len(runtime.client.subscriptions)})
 
 
+class HandlerWatch:
+    """The oldest in-flight handler of a worker, sampled with each heartbeat (off the message path).
+
+    A dispatcher task is dated the first time a sample sees it, so an age is short by at most one
+    heartbeat interval; that is plenty for a limit of minutes and costs nothing per message.
+    """
+
+    def __init__(self) -> None:
+        self._first_seen: dict[asyncio.Task[Any], float] = {}
+
+    def oldest(self, tasks: Collection[asyncio.Task[Any]], now: float) -> dict[str, Any] | None:
+        """`{"age", "route", "topic"}` of the longest-running task in `tasks`, or None if there is none."""
+        seen = self._first_seen
+        for task in tasks:
+            if task not in seen:
+                seen[task] = now
+        if len(seen) != len(tasks):  # seen is a superset of tasks: drop the finished ones
+            for task in [t for t in seen if t not in tasks]:
+                del seen[task]
+        if not seen:
+            return None
+        task, since = min(seen.items(), key=lambda item: item[1])
+        route, topic = describe_task(task)
+        return {"age": round(now - since, 3), "route": route, "topic": topic}
+
+
+def describe_task(task: "asyncio.Task[Any]") -> tuple[str, str]:
+    """(route pattern, topic) a dispatcher task is working on, read from its suspended frames.
+
+    Best effort, for log lines only: "?" where a frame does not tell (e.g. still waiting for a slot).
+    """
+    route = topic = "?"
+    coro: Any = task.get_coro()
+    for _ in range(16):  # _process -> _run -> middleware -> handler: a few levels at most
+        frame = getattr(coro, "cr_frame", None)
+        if frame is None:
+            break
+        local = frame.f_locals
+        if topic == "?" and isinstance(local.get("topic"), str):
+            topic = local["topic"]
+        pattern = getattr(local.get("endpoint"), "pattern", None)
+        if isinstance(pattern, str):
+            route = pattern
+            break
+        coro = getattr(coro, "cr_await", None)
+    return route, topic
+
+
 def recycle_reason(received: int, rss: int | None, max_messages: int, max_memory_mb: int) -> str | None:
     """Why this worker should hand over to a fresh process now, or None (limits of 0 are off)."""
     if max_messages and received >= max_messages:
@@ -265,6 +317,7 @@ async def _tick(runtime: "Runtime", settings: Any, link: _Link, stopper: _Stoppe
                   "the memory limit is ignored", max_memory_mb, baseline / 2**20)
         max_memory_mb = 0
     next_beat = 0.0
+    watch = HandlerWatch()
     while True:
         rss = None
         beat = time.monotonic() >= next_beat
@@ -279,5 +332,5 @@ async def _tick(runtime: "Runtime", settings: Any, link: _Link, stopper: _Stoppe
             stats = runtime.stats.snapshot()
             stats["inflight"] = runtime.dispatcher.inflight
             link.send({"type": "hb", "stats": stats, "rss": rss, "cpu": proc.cpu_percent(None),
-                       "connected": runtime.client.state.connected})
+                       "connected": runtime.client.state.connected, "oldest": watch.oldest(runtime.dispatcher._tasks, time.monotonic())})
         await asyncio.sleep(min(0.05, interval))

@@ -110,6 +110,7 @@ class WorkerProcess:
     rss: int = 0
     cpu: float = 0.0
     connected: bool = False
+    oldest: dict[str, Any] | None = None  # the oldest in-flight handler at the last heartbeat: age, route, topic
     recycling: str | None = None
     stopping: str | None = None
     kill_reason: str | None = None
@@ -226,6 +227,7 @@ class WorkerManager:
                 "last_exit": slot.last_exit,
                 "uptime": round(now - proc.started_at, 3) if proc is not None else 0.0,
                 "heartbeat_age": round(now - proc.last_message_at, 3) if proc is not None else None,
+                "oldest_handler": dict(proc.oldest) if proc is not None and proc.oldest else None,
                 "rss_bytes": proc.rss if proc is not None else 0,
                 "cpu_percent": proc.cpu if proc is not None else 0.0,
                 "stats": dict(proc.stats) if proc is not None else {},
@@ -384,6 +386,7 @@ class WorkerManager:
             proc.rss = int(message.get("rss") or 0)
             proc.cpu = float(message.get("cpu") or 0.0)
             proc.connected = bool(message.get("connected"))
+            proc.oldest = message.get("oldest")
         elif kind == "ready" and proc is slot.current:
             proc.ready = True
             proc.connected = True
@@ -436,6 +439,29 @@ class WorkerManager:
                 proc.kill_reason = f"no heartbeat for {age:.1f} s (WORKER_HEARTBEAT_TIMEOUT={timeout:g}; a handler blocking the event loop?)"
                 log.error("worker %s (pid %d): %s; killing it", slot.worker_id, proc.pid, proc.kill_reason)
                 _kill(proc.process)
+            elif self._handler_hung(proc):
+                assert proc.oldest is not None
+                proc.kill_reason = (
+                    f"handler of route {proc.oldest.get('route')!r} (topic {proc.oldest.get('topic')!r}) running for "
+                    f"{float(proc.oldest['age']):.1f} s (WORKER_HANDLER_TIMEOUT={self.settings.worker_handler_timeout:g}); "
+                    "its ack holds back every later one"
+                )
+                log.error("worker %s (pid %d): %s; killing it (its unacknowledged messages go to the replacement)",
+                          slot.worker_id, proc.pid, proc.kill_reason)
+                _kill(proc.process)
+
+    def _handler_hung(self, proc: WorkerProcess) -> bool:
+        """The oldest handler ran past WORKER_HANDLER_TIMEOUT (heartbeats alone miss hangs off the loop).
+
+        Not while disconnected: handlers waiting for the broker's PUBACK then are not hung, and a new
+        process would not get further. Not while draining: SHUTDOWN_TIMEOUT bounds that.
+        """
+        limit = self.settings.worker_handler_timeout
+        oldest = proc.oldest
+        return bool(
+            limit and oldest and float(oldest.get("age", 0)) > limit and proc.connected
+            and proc.kill_reason is None and proc.recycling is None and proc.stopping is None
+        )
 
     def _on_exit(self, slot: WorkerSlot, proc: WorkerProcess) -> None:
         code = proc.process.exitcode

@@ -10,6 +10,7 @@ import pytest
 from core.config import load_settings
 from core.router import Router
 from core.worker import (
+    HandlerWatch,
     WorkerSpec,
     client_id_for,
     heartbeat_interval,
@@ -111,3 +112,29 @@ def test_worker_spec_crosses_the_process_boundary_as_plain_data() -> None:
     spec = WorkerSpec(2, False, {"log_level": "DEBUG"}, test_mode=True, wait_for_go=True)
     assert pickle.loads(pickle.dumps(spec)) == spec
     assert spec.worker_id == "w2"
+
+
+async def test_handler_watch_reports_the_oldest_task_and_forgets_finished_ones() -> None:
+    import asyncio
+
+    gate = asyncio.Event()
+
+    async def _run(endpoint: object, topic: str) -> None:  # shaped like Dispatcher._run
+        await gate.wait()
+
+    class Endpoint:
+        pattern = "devices/{id}/status"
+
+    watch = HandlerWatch()
+    assert watch.oldest(set(), 10.0) is None
+    first = asyncio.create_task(_run(Endpoint(), "devices/7/status"))
+    await asyncio.sleep(0)
+    tasks = {first}
+    assert watch.oldest(tasks, 10.0) == {"age": 0.0, "route": "devices/{id}/status", "topic": "devices/7/status"}
+    second = asyncio.create_task(_run(None, "other"))
+    tasks.add(second)
+    assert watch.oldest(tasks, 14.5) == {"age": 4.5, "route": "devices/{id}/status", "topic": "devices/7/status"}
+    tasks.discard(first)
+    assert watch.oldest(tasks, 20.0) == {"age": 5.5, "route": "?", "topic": "other"}
+    gate.set()
+    await asyncio.gather(first, second)

@@ -522,3 +522,35 @@ def test_a_worker_leaves_the_group_of_a_route_whose_worker_count_went_down(
     assert {worker for worker, _, _ in records.lines()} == {"w0"}
     second.signal(signal.SIGTERM)
     assert second.wait() == 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_hung_handler_is_caught_by_its_age_and_the_worker_replaced(
+    mode: str, broker: MosquittoServer, harness: Any, tmp_path: Path
+) -> None:
+    """A plain handler stuck in the thread pool, or an async one awaiting forever, leaves the event loop
+    and so the heartbeats running, while the acks behind it pile up until the worker stalls at
+    MAX_INFLIGHT. The age of the oldest handler gives it away; the replacement gets what was unacked."""
+    records = Records(tmp_path / "records.txt")
+    env = app_env(tmp_path, broker.port, WORKER_HANDLER_TIMEOUT="2", MAX_INFLIGHT="50", SEQAPP_HANG_SEQ="100",
+                  SEQAPP_MARKER=str(tmp_path / "hung-once"), SEQAPP_SYNC="1" if mode == "sync" else "0")
+    app = harness(env, "--workers", "1")
+    app.wait_ready(1)
+    publisher = Publisher(broker.port)
+    expected = range(300)
+    publisher.publish(expected)  # 150 and later only arrive once 100 is acknowledged, by the replacement
+    publisher.close()
+    match = app.wait_log(r"worker w0 \(pid (\d+)\): handler of route 'seq/in' \(topic 'seq/in'\) running for "
+                         r"([\d.]+) s \(WORKER_HANDLER_TIMEOUT=2\)")
+    hung_pid = int(match.group(1))
+    assert float(match.group(2)) >= 2
+    seqs = records.wait_handled(expected)
+    lost, _ = report(f"{mode} handler hung", seqs, expected)
+    assert lost == 0
+    pids = app.worker_pids("w0")
+    assert pids[0] == hung_pid and len(pids) == 2
+    assert [pid for _, pid, seq in records.lines() if seq == 100] == [pids[1]]  # redelivered to the successor
+    assert re.search(rf"worker w0 \(pid {hung_pid}\) died: handler of route 'seq/in'", app.log())
+    assert "no heartbeat" not in app.log()  # the heartbeats never stopped
+    app.signal(signal.SIGTERM)
+    assert app.wait() == 0

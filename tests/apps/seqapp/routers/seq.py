@@ -6,6 +6,10 @@ SEQAPP_WORKER_COUNT2 worker_count of the second shared route `seq2/in` (default 
 SEQAPP_DELAY        seconds each handler awaits before recording (default 0)
 SEQAPP_BLOCK_SEQ    this sequence number blocks the event loop forever, once (SEQAPP_MARKER remembers)
 SEQAPP_CRASH_SEQ    this sequence number kills the process, every time it is handled
+SEQAPP_HANG_SEQ     this sequence number's handler hangs without blocking the event loop (an async
+                    handler awaits, a plain one blocks its pool thread) until the file SEQAPP_RELEASE
+                    exists (forever if unset); once if SEQAPP_MARKER is set (created when it starts)
+SEQAPP_SYNC         1: the shared routes use a plain (sync) handler, run in the thread pool
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ _DELAY = float(os.environ.get("SEQAPP_DELAY", "0") or 0)
 _BLOCK = int(os.environ.get("SEQAPP_BLOCK_SEQ", "-1") or -1)
 _MARKER = os.environ.get("SEQAPP_MARKER", "")
 _CRASH = int(os.environ.get("SEQAPP_CRASH_SEQ", "-1") or -1)
+_HANG = int(os.environ.get("SEQAPP_HANG_SEQ", "-1") or -1)
+_RELEASE = os.environ.get("SEQAPP_RELEASE", "")
+_SYNC = os.environ.get("SEQAPP_SYNC", "") == "1"
 _fd: int | None = None
 
 
@@ -42,8 +49,35 @@ async def handle_shared(payload: str, context: MessageContext) -> None:
     if seq == _BLOCK and _MARKER and not os.path.exists(_MARKER):
         open(_MARKER, "w").close()
         time.sleep(3600)  # blocks the event loop on purpose: the heartbeat must notice
+    if _should_hang(seq):
+        while not _released():
+            await asyncio.sleep(0.05)  # awaiting forever: the event loop (and heartbeat) go on
     if _DELAY:
         await asyncio.sleep(_DELAY)
+    record(context.worker_id, seq)
+
+
+def _should_hang(seq: int) -> bool:
+    if seq != _HANG:
+        return False
+    if _MARKER:
+        if os.path.exists(_MARKER):
+            return False
+        open(_MARKER, "w").close()
+    return True
+
+
+def _released() -> bool:
+    return bool(_RELEASE) and os.path.exists(_RELEASE)
+
+
+def handle_shared_sync(payload: str, context: MessageContext) -> None:
+    seq = int(payload)
+    if _should_hang(seq):
+        while not _released():
+            time.sleep(0.05)  # a pool thread stuck in user code: the event loop (and heartbeat) go on
+    if _DELAY:
+        time.sleep(_DELAY)
     record(context.worker_id, seq)
 
 
@@ -51,9 +85,10 @@ async def handle_plain(payload: str, context: MessageContext) -> None:
     record(context.worker_id, int(payload))
 
 
+_shared_handler = handle_shared_sync if _SYNC else handle_shared
 router = Router()
-router.on("seq/in", handle_shared, qos=1, shared=True, payload_format="text",
+router.on("seq/in", _shared_handler, qos=1, shared=True, payload_format="text",
           worker_count=int(os.environ.get("SEQAPP_WORKER_COUNT", "1") or 1))
-router.on("seq2/in", handle_shared, qos=1, shared=True, payload_format="text",
+router.on("seq2/in", _shared_handler, qos=1, shared=True, payload_format="text",
           worker_count=int(os.environ.get("SEQAPP_WORKER_COUNT2", "1") or 1))
 router.on("plain/in", handle_plain, qos=1, payload_format="text")
