@@ -8,7 +8,8 @@ no dependency and never runs on the message path: it reads the numbers the proce
 
 - `/health`: 200 while the process serves; 503 once the supervisor gave up (a crash loop).
 - `/ready`: 200 when every process is connected to the broker and subscribed, and Redis / the
-  database answer (when enabled); 503 otherwise, with the reasons, also while stopping.
+  database answer (when enabled; also the Redis of a `RateLimit(redis_url=...)`); 503 otherwise,
+  with the reasons, also while stopping.
 - `/metrics`: Prometheus text format, aggregated over all processes.
 - `/`: a status page that refreshes itself (`?refresh=SECONDS`, default 2); `/status.json`: its data.
 """
@@ -170,8 +171,10 @@ class ReadinessCheck:
 class RedisCheck(ReadinessCheck):
     name = "redis"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, name: str | None = None) -> None:
         self.url = url
+        if name is not None:
+            self.name = name
         self._client: Any = None
 
     async def __call__(self) -> None:
@@ -221,6 +224,19 @@ def default_checks(settings: Settings) -> list[ReadinessCheck]:
     if database_url and getattr(settings, "enable_database", False):
         checks.append(DatabaseCheck(database_url))
     return checks
+
+
+def route_checks(routes: Sequence["Route"], settings: Settings) -> list[ReadinessCheck]:
+    """Checks the routes need beyond `default_checks`: the Redis of a `RateLimit(redis_url=...)` that is
+    not REDIS_URL (a Redis rate limit otherwise uses REDIS_URL, checked when ENABLE_REDIS is on)."""
+    from core.rate_limit import redis_rate_limits, safe_redis_url
+
+    urls: list[str] = []
+    for _route, limiter in redis_rate_limits(routes):
+        url = limiter.redis_url
+        if url is not None and url != settings.redis_url and url not in urls:
+            urls.append(url)
+    return [RedisCheck(url, name=f"redis {safe_redis_url(url)} (rate limit)") for url in urls]
 
 
 # -- the operations server --------------------------------------------------------------------------
@@ -373,7 +389,8 @@ async def start_for_runtime(settings: Settings, runtime: "Runtime", routes: Sequ
     """`python main.py`: the server over this process's runtime, or None when HTTP_PORT is unset."""
     if settings.http_port is None:
         return None
-    server = OpsServer(settings, RuntimeSource(runtime), route_patterns=[r.pattern for r in routes])
+    server = OpsServer(settings, RuntimeSource(runtime), route_patterns=[r.pattern for r in routes],
+                       checks=default_checks(settings) + route_checks(routes, settings))
     await server.start()
     return server
 
@@ -386,8 +403,9 @@ class SupervisorOps:
         self.server: OpsServer | None = None
 
     async def start(self, manager: "WorkerManager") -> None:
-        patterns = [route.pattern for route in manager.app.routes]
-        self.server = OpsServer(self.settings, SupervisorSource(manager), route_patterns=patterns)
+        routes = manager.app.routes
+        self.server = OpsServer(self.settings, SupervisorSource(manager), route_patterns=[r.pattern for r in routes],
+                                checks=default_checks(self.settings) + route_checks(routes, self.settings))
         await self.server.start()
 
     async def stop(self, manager: "WorkerManager") -> None:

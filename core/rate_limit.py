@@ -15,8 +15,14 @@ router.on("devices/{device_id}/alarm", Alarm.raise_, shared=True,
   `limit / per` tokens per second, holding at most `burst` (default `limit`).
 - `backend="redis"`: a sliding window log in Redis shared by every process: at most `limit`
   messages in any `per` seconds. Times come from the Redis server's clock, so workers on hosts
-  with skewed clocks agree. If Redis cannot be reached the message is let through (fail open),
-  logged at most every 10 s and counted as `redis_errors`.
+  with skewed clocks agree. It uses the application's Redis (`REDIS_URL`), so it needs
+  `ENABLE_REDIS=true`: `check_rate_limits` fails at startup, naming the route, when Redis is
+  disabled. `redis_url=` points one limiter at another Redis.
+- Redis unreachable at run time (or slower than `redis_timeout`): `on_redis_error="allow"` (the
+  default) lets the message through unchecked (fail open: a limiter outage does not become a
+  service outage); `"reject"` dead-letters it with error type `RateLimitUnavailable` (fail closed,
+  nothing is silently lost). Either way it is counted (`redis_errors`) and logged at WARNING, at
+  most every 10 s, and once when Redis answers again.
 - `key`: the route parameter whose value gets its own limit (none: one limit for the route).
 - Over the limit: `on_limit="dead_letter"` (default) sends the message to the dead-letter topic
   with error type `RateLimited`; `on_limit="drop"` acknowledges and discards it. Both are counted
@@ -33,23 +39,65 @@ import logging
 import os
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+from urllib.parse import urlsplit, urlunsplit
 
 from core.dispatcher import DeadLetter
 from core.middleware import BaseMiddleware, CallNext
+from core.router import RouteError
 
 if TYPE_CHECKING:
+    from core.config import Settings
     from core.context import MessageContext
+    from core.router import Route
 
 log = logging.getLogger("core.rate_limit")
 
 ON_LIMIT = ("dead_letter", "drop")
 BACKENDS = ("memory", "redis")
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+ON_REDIS_ERROR = ("allow", "reject")
+ERROR_LOG_INTERVAL = 10.0  # seconds between two warnings about the same unreachable Redis
+# `Services.extras` key of the process's Redis client (core.streams.REDIS_KEY; not imported, so that
+# the rate limiter does not load the streams machinery).
+REDIS_KEY = "redis"
 
 
 class RateLimited(DeadLetter):
     """Raised (and so dead-lettered) when a message is over its rate limit."""
+
+
+class RateLimitUnavailable(DeadLetter):
+    """Raised with `on_redis_error="reject"` when Redis could not be asked (so the message is dead-lettered)."""
+
+
+class RedisNotEnabled(RuntimeError):
+    """A Redis rate limit ran in a process without the application's Redis client (ENABLE_REDIS is off)."""
+
+
+def safe_redis_url(url: str) -> str:
+    """`url` without its password, for messages and readiness check names."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def redis_rate_limits(routes: Iterable["Route"]) -> list[tuple["Route", "RateLimit"]]:
+    """(route, limiter) for every `RateLimit(backend="redis")` in the routes' middleware."""
+    return [(route, mw) for route in routes for mw in route.middleware
+            if isinstance(mw, RateLimit) and mw.backend == "redis"]
+
+
+def check_rate_limits(routes: Iterable["Route"], settings: "Settings") -> None:
+    """At startup: RouteError naming the route when a Redis rate limit cannot work with these settings."""
+    for route, limiter in redis_rate_limits(routes):
+        if not settings.enable_redis:
+            raise RouteError(
+                f"{route.describe()} uses {limiter!r}, but Redis is disabled: set ENABLE_REDIS=true (and REDIS_URL, "
+                f"default {type(settings).redis_url}), or use backend='memory'"
+            )
 
 
 class TokenBuckets:
@@ -114,8 +162,9 @@ return 0
 class RedisSlidingWindow:
     """At most `limit` hits per key in any `window` seconds, shared through Redis.
 
-    The Redis client is created in the process (and event loop) that first uses it, so an instance
-    built at import time in a router module is safe under the spawn start method.
+    `allow(key, redis)` runs on the client given (the process's, from the application settings);
+    without one, on a client of its own for `url`, created in the process (and event loop) that
+    first uses it, so an instance built at import time in a router module is safe under spawn.
     """
 
     def __init__(self, limit: int, window: float, *, url: str | None = None, prefix: str = "ratelimit") -> None:
@@ -124,27 +173,33 @@ class RedisSlidingWindow:
         self.url = url
         self.prefix = prefix
         self._client: Any = None
-        self._script: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._scripts: tuple[Any, Any] | None = None  # (client, script registered on it)
         self._pid = 0
         self._member_prefix = ""
         self._counter = itertools.count()
 
-    def _connect(self) -> None:
-        import redis.asyncio as redis_asyncio
+    def _own_client(self) -> Any:
+        if self.url is None:
+            raise RedisNotEnabled("no Redis client given and no redis_url")
+        if self._client is None or self._loop is not asyncio.get_running_loop():
+            import redis.asyncio as redis_asyncio
 
-        url = self.url or os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
-        self._client = redis_asyncio.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-        self._script = self._client.register_script(_SLIDING_WINDOW_LUA)
-        self._loop = asyncio.get_running_loop()
-        self._pid = os.getpid()
-        self._member_prefix = uuid.uuid4().hex[:12]
+            self._client = redis_asyncio.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
+            self._loop = asyncio.get_running_loop()
+        return self._client
 
-    async def allow(self, key: str) -> bool:
-        if self._client is None or self._pid != os.getpid() or self._loop is not asyncio.get_running_loop():
-            self._connect()
+    async def allow(self, key: str, redis: Any = None) -> bool:
+        if self._pid != os.getpid():  # a new process (fork/spawn): its own members and client
+            self._pid = os.getpid()
+            self._member_prefix = uuid.uuid4().hex[:12]
+            self._client = None
+            self._scripts = None
+        client = redis if redis is not None else self._own_client()
+        if self._scripts is None or self._scripts[0] is not client:
+            self._scripts = (client, client.register_script(_SLIDING_WINDOW_LUA))
         member = f"{self._member_prefix}:{next(self._counter)}"
-        result = await self._script(keys=[f"{self.prefix}:{key}"], args=[self.limit, self.window_ms, member])
+        result = await self._scripts[1](keys=[f"{self.prefix}:{key}"], args=[self.limit, self.window_ms, member])
         return bool(result)
 
     async def close(self) -> None:
@@ -168,6 +223,8 @@ class RateLimit(BaseMiddleware):
         name: str | None = None,
         redis_url: str | None = None,
         redis_prefix: str = "ratelimit",
+        on_redis_error: str = "allow",
+        redis_timeout: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
@@ -178,6 +235,10 @@ class RateLimit(BaseMiddleware):
             raise ValueError(f"RateLimit: backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         if on_limit not in ON_LIMIT:
             raise ValueError(f"RateLimit: on_limit must be one of {', '.join(ON_LIMIT)}, not {on_limit!r}")
+        if on_redis_error not in ON_REDIS_ERROR:
+            raise ValueError(f"RateLimit: on_redis_error must be one of {', '.join(ON_REDIS_ERROR)}, not {on_redis_error!r}")
+        if not isinstance(redis_timeout, (int, float)) or redis_timeout <= 0:
+            raise ValueError(f"RateLimit: redis_timeout must be a positive number of seconds, not {redis_timeout!r}")
         if burst is not None and (backend == "redis" or burst < 1):
             raise ValueError("RateLimit: burst is for backend='memory' and must be >= 1 (the Redis window allows `limit` per window)")
         self.limit = limit
@@ -185,12 +246,16 @@ class RateLimit(BaseMiddleware):
         self.key = key
         self.backend = backend
         self.on_limit = on_limit
+        self.on_redis_error = on_redis_error
+        self.redis_timeout = float(redis_timeout)
+        self.redis_url = redis_url
         self.name = name
         self._buckets = TokenBuckets(limit / per, burst or limit, clock=clock) if backend == "memory" else None
         self._window = RedisSlidingWindow(limit, per, url=redis_url, prefix=redis_prefix) if backend == "redis" else None
         self.limited: dict[str, int] = {}  # route pattern -> messages over the limit
-        self.redis_errors = 0
-        self._last_error_log = 0.0
+        self.redis_errors = 0  # messages whose limit could not be checked (allowed or rejected per on_redis_error)
+        self._last_error_log = -ERROR_LOG_INTERVAL
+        self._redis_down = False
 
     def bucket_key(self, context: "MessageContext") -> str:
         scope = self.name or context.route.pattern
@@ -210,7 +275,7 @@ class RateLimit(BaseMiddleware):
         if self._buckets is not None:
             allowed = self._buckets.allow(key)
         else:
-            allowed = await self._allow_redis(key)
+            allowed = await self._allow_redis(key, context)
         if allowed:
             return await call_next(context)
         pattern = context.route.pattern
@@ -220,22 +285,54 @@ class RateLimit(BaseMiddleware):
         what = f" for {self.key}={context.params.get(self.key, '')!r}" if self.key else ""
         raise RateLimited(f"rate limit of {self.limit} per {self.per:g} s exceeded{what}")
 
-    async def _allow_redis(self, key: str) -> bool:
+    def _redis_client(self, context: "MessageContext") -> Any:
+        """The process's Redis client (built from REDIS_URL when ENABLE_REDIS is on), or None for redis_url=."""
+        if self.redis_url is not None:
+            return None
+        client = context.services.extras.get(REDIS_KEY)
+        if client is None:
+            raise RedisNotEnabled(
+                f"{context.route.describe()} uses {self!r}, but this process has no Redis connection: set "
+                "ENABLE_REDIS=true (and REDIS_URL)"
+            )
+        return client
+
+    async def _allow_redis(self, key: str, context: "MessageContext") -> bool:
         assert self._window is not None
+        client = self._redis_client(context)
         try:
-            return await self._window.allow(key)
-        except Exception as exc:  # Redis down: let the message through rather than lose it
-            self.redis_errors += 1
-            now = time.monotonic()
-            if now - self._last_error_log >= 10:
-                self._last_error_log = now
-                log.warning("rate limit: Redis unavailable (%s: %s); letting messages through (%d so far)",
-                            type(exc).__name__, exc, self.redis_errors)
+            allowed = await asyncio.wait_for(self._window.allow(key, client), self.redis_timeout)
+        except Exception as exc:
+            return self._on_redis_failure(exc, context)
+        if self._redis_down:
+            self._redis_down = False
+            log.warning("rate limit %s: Redis answers again; limiting (%d message(s) went unchecked or rejected)",
+                        self._label(context), self.redis_errors)
+        return allowed
+
+    def _on_redis_failure(self, exc: Exception, context: "MessageContext") -> bool:
+        self.redis_errors += 1
+        self._redis_down = True
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        now = time.monotonic()
+        if now - self._last_error_log >= ERROR_LOG_INTERVAL:
+            self._last_error_log = now
+            what = "letting messages through unchecked" if self.on_redis_error == "allow" else \
+                "dead-lettering messages as RateLimitUnavailable"
+            log.warning("rate limit %s: Redis unavailable (%s); %s (on_redis_error=%r, %d so far)",
+                        self._label(context), reason, what, self.on_redis_error, self.redis_errors)
+        if self.on_redis_error == "allow":
             return True
+        raise RateLimitUnavailable(f"rate limit could not be checked, Redis unavailable ({reason}); "
+                                   "on_redis_error='reject'")
+
+    def _label(self, context: "MessageContext") -> str:
+        return repr(self.name or context.route.pattern)
 
     def counters(self) -> dict[str, Any]:
         """What the metrics export: messages over the limit per route, and the action taken."""
-        return {"action": self.on_limit, "limited": dict(self.limited), "redis_errors": self.redis_errors}
+        return {"action": self.on_limit, "limited": dict(self.limited), "redis_errors": self.redis_errors,
+                "on_redis_error": self.on_redis_error}
 
     def __repr__(self) -> str:
         key = f", key={self.key!r}" if self.key else ""

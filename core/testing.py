@@ -296,10 +296,20 @@ class TestClient:
         self._overflow = False
         self._progress: asyncio.Event | None = None
         self._runner: asyncio.Runner | None = None
+        self._own_redis = False
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> "TestClient":
+        from core.rate_limit import REDIS_KEY, check_rate_limits
+
+        check_rate_limits(self.routes, self.settings)  # as at startup: a Redis rate limit needs ENABLE_REDIS
+        if self.settings.enable_redis and REDIS_KEY not in self.services.extras:
+            # The process's Redis client, as the runtime has it (connects on first use): Redis rate limits.
+            from core.streams import make_redis
+
+            self.services.extras[REDIS_KEY] = make_redis(self.settings)
+            self._own_redis = True
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._progress = asyncio.Event()
@@ -316,6 +326,11 @@ class TestClient:
             await self._dispatcher.drain(self.timeout)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._own_redis:
+            from core.rate_limit import REDIS_KEY
+
+            await self.services.extras.pop(REDIS_KEY).aclose()
+            self._own_redis = False
 
     async def __aenter__(self) -> "TestClient":
         return await self.start()

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from core.rate_limit import RateLimit, RedisSlidingWindow, TokenBuckets
-from core.router import Router
+from core.config import load_settings
+from core.rate_limit import RateLimit, RedisSlidingWindow, TokenBuckets, check_rate_limits
+from core.router import RouteError, Router
 from core.testing import TestClient
 from tests.support.ops import Publisher, app_factory, metric, ready, scrape, wait_until_sync  # noqa: F401
 
@@ -55,7 +56,8 @@ def test_token_buckets_forget_only_full_buckets() -> None:
 
 def test_rate_limit_arguments_are_checked() -> None:
     for bad in (dict(limit=0), dict(limit=1.5), dict(limit=5, per=0), dict(limit=5, backend="disk"),
-                dict(limit=5, on_limit="ignore"), dict(limit=5, backend="redis", burst=3), dict(limit=5, burst=0)):
+                dict(limit=5, on_limit="ignore"), dict(limit=5, backend="redis", burst=3), dict(limit=5, burst=0),
+                dict(limit=5, backend="redis", on_redis_error="maybe"), dict(limit=5, redis_timeout=0)):
         with pytest.raises(ValueError, match="RateLimit"):
             RateLimit(**bad)  # type: ignore[arg-type]
 
@@ -88,7 +90,8 @@ async def test_over_the_limit_goes_to_the_dead_letter_per_key() -> None:
     assert handled == ["a", "a", "a", "b", "b", "a"]
     assert [d.error_type for d in client.dead_letters] == ["RateLimited"] * 3
     assert client.dead_letters[0].error == "rate limit of 3 per 60 s exceeded for device_id='a'"
-    assert limiter.counters() == {"action": "dead_letter", "limited": {"dev/{device_id}/data": 3}, "redis_errors": 0}
+    assert limiter.counters() == {"action": "dead_letter", "limited": {"dev/{device_id}/data": 3}, "redis_errors": 0,
+                                  "on_redis_error": "allow"}
     assert len(client.acks) == 9  # every message acknowledged, dead-lettered or not
 
 
@@ -162,12 +165,39 @@ async def test_redis_window_is_shared_by_limiters_and_slides(redis_server: Any, 
         await second.close()
 
 
-async def test_redis_backend_through_the_middleware_and_fail_open(redis_factory: Any, unique_id: str,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    server = redis_factory()
-    limiter = RateLimit(2, per=60, key="device_id", backend="redis", redis_url=server.url, redis_prefix=unique_id)
+def redis_env(url: str) -> dict[str, str]:
+    return {"ENABLE_REDIS": "true", "REDIS_URL": url}
+
+
+def test_a_redis_limit_with_redis_disabled_fails_at_startup_naming_the_route() -> None:
+    router = limited_router(RateLimit(2, per=60, backend="redis"), [])
+    with pytest.raises(RouteError, match=r"route 'dev/\{device_id\}/data' .*Redis is disabled: set ENABLE_REDIS=true"):
+        check_rate_limits(router.routes, load_settings({}))
+    check_rate_limits(router.routes, load_settings({"ENABLE_REDIS": "true"}))  # fine
+    check_rate_limits(limited_router(RateLimit(2), []).routes, load_settings({}))  # memory: no Redis needed
+    with pytest.raises(RouteError, match="ENABLE_REDIS"):  # the test client checks as the app's startup does
+        with TestClient(router):
+            pass
+
+
+async def test_redis_backend_uses_the_application_settings_not_the_environment(
+        redis_server: Any, unique_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # nothing there: must not be used
+    limiter = RateLimit(2, per=60, key="device_id", backend="redis", redis_prefix=unique_id)
     handled: list[str] = []
-    async with TestClient(limited_router(limiter, handled)) as client:
+    async with TestClient(limited_router(limiter, handled), env=redis_env(redis_server.url)) as client:
+        for _ in range(3):
+            await client.publish("dev/a/data", "x", qos=1)
+    assert handled == ["a", "a"] and [d.error_type for d in client.dead_letters] == ["RateLimited"]
+    assert limiter.redis_errors == 0
+
+
+async def test_redis_unreachable_fails_open_by_default_logged_and_counted(
+        redis_factory: Any, unique_id: str, caplog: pytest.LogCaptureFixture) -> None:
+    server = redis_factory()
+    limiter = RateLimit(2, per=60, key="device_id", backend="redis", redis_prefix=unique_id)
+    handled: list[str] = []
+    async with TestClient(limited_router(limiter, handled), env=redis_env(server.url)) as client:
         for _ in range(4):
             await client.publish("dev/a/data", "x", qos=1)
         assert handled == ["a", "a"]
@@ -175,9 +205,71 @@ async def test_redis_backend_through_the_middleware_and_fail_open(redis_factory:
         server.stop()
         for _ in range(3):
             await client.publish("dev/a/data", "x", qos=1)
-    assert handled == ["a"] * 5  # Redis down: let through rather than lose messages
-    assert limiter.redis_errors == 3
-    assert "Redis unavailable" in caplog.text and caplog.text.count("Redis unavailable") == 1  # not once per message
+        assert handled == ["a"] * 5  # Redis down: let through unchecked...
+        assert limiter.redis_errors == 3  # ...but counted
+        server.start()  # same port, empty (no persistence): the window starts again
+        for _ in range(3):
+            await client.publish("dev/a/data", "x", qos=1)
+    assert handled == ["a"] * 7
+    assert limiter.redis_errors == 3 and limiter.counters()["redis_errors"] == 3
+    warnings = [r.getMessage() for r in caplog.records if r.name == "core.rate_limit"]
+    assert len(warnings) == 2, warnings  # one while down (not once per message), one when back
+    assert "Redis unavailable" in warnings[0] and "letting messages through unchecked" in warnings[0]
+    assert "Redis answers again" in warnings[1]
+
+
+async def test_redis_unreachable_with_reject_dead_letters(redis_factory: Any, unique_id: str) -> None:
+    server = redis_factory()
+    limiter = RateLimit(5, per=60, backend="redis", redis_prefix=unique_id, on_redis_error="reject")
+    handled: list[str] = []
+    async with TestClient(limited_router(limiter, handled), env=redis_env(server.url)) as client:
+        await client.publish("dev/a/data", "x", qos=1)
+        server.stop()
+        result = await client.publish("dev/a/data", "x", qos=1)
+    assert handled == ["a"]
+    [dead] = result.dead_letters
+    assert dead.error_type == "RateLimitUnavailable" and "Redis unavailable" in dead.error
+    assert limiter.redis_errors == 1
+
+
+async def test_a_redis_that_does_not_answer_counts_as_unavailable(unique_id: str) -> None:
+    import socket
+
+    with socket.socket() as silent:  # accepts connections (the kernel does), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        limiter = RateLimit(5, backend="redis", redis_url=url, redis_timeout=0.2, on_redis_error="reject")
+        handled: list[str] = []
+        async with TestClient(limited_router(limiter, handled), env={"ENABLE_REDIS": "true"}) as client:
+            result = await client.publish("dev/a/data", "x", qos=1)
+        await limiter._window.close()  # type: ignore[union-attr]
+    assert handled == [] and [d.error_type for d in result.dead_letters] == ["RateLimitUnavailable"]
+    assert "TimeoutError" in result.dead_letters[0].error
+
+
+async def test_a_process_without_the_redis_client_dead_letters_naming_enable_redis(redis_server: Any) -> None:
+    from core.rate_limit import REDIS_KEY
+
+    router = limited_router(RateLimit(5, backend="redis"), [])
+    async with TestClient(router, env=redis_env(redis_server.url)) as client:
+        await client.services.extras.pop(REDIS_KEY).aclose()
+        client._own_redis = False
+        result = await client.publish("dev/a/data", "x", qos=1)
+    [dead] = result.dead_letters
+    assert dead.error_type == "RedisNotEnabled" and "ENABLE_REDIS=true" in dead.error
+
+
+def test_ready_checks_the_redis_of_a_rate_limit_with_its_own_url() -> None:
+    from core.http import RedisCheck, route_checks
+
+    settings = load_settings({"ENABLE_REDIS": "true", "REDIS_URL": "redis://main:6379/0"})
+    router = Router()
+    router.on("a/{x}", _append_to([], "a"), middleware=[RateLimit(1, backend="redis")])  # REDIS_URL: default check
+    router.on("b/{x}", _append_to([], "b"), middleware=[RateLimit(1, backend="redis", redis_url="redis://:pw@other:6379/2")])
+    [check] = route_checks(router.routes, settings)
+    assert isinstance(check, RedisCheck) and check.url == "redis://:pw@other:6379/2"
+    assert check.name == "redis redis://:***@other:6379/2 (rate limit)"  # no password in /ready
 
 
 # -- across two worker processes --------------------------------------------------------------------
@@ -189,7 +281,7 @@ def test_redis_limit_holds_across_two_worker_processes(mosquitto_factory: Any, r
     exactly 5 per device get through, whichever worker each message lands on."""
     broker = mosquitto_factory()
     redis = redis_factory()
-    app, url = app_factory(broker, "--workers", "2", REDIS_URL=redis.url)
+    app, url = app_factory(broker, "--workers", "2", ENABLE_REDIS="true", REDIS_URL=redis.url)
     wait_until_sync(lambda: ready(url), f"/ready to answer 200\n{app.output}", 60)
     route = "ops/{device_id}/limited"
     pub = Publisher(broker.host, broker.port, f"{unique_id}-pub")

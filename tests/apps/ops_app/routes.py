@@ -40,8 +40,9 @@ async def fail(device_id: str) -> None:
 
 router = Router()
 router.on("ops/{device_id}/data", data, qos=1, shared=True)
-router.on("ops/{device_id}/limited", limited, qos=1, shared=True,
-          middleware=[RateLimit(5, per=3600, key="device_id", backend="redis")])
+if os.environ.get("ENABLE_REDIS", "").lower() == "true":  # a Redis rate limit needs ENABLE_REDIS (startup check)
+    router.on("ops/{device_id}/limited", limited, qos=1, shared=True,
+              middleware=[RateLimit(5, per=3600, key="device_id", backend="redis")])
 router.on("ops/{device_id}/plain", plain, qos=1)
 router.on("ops/{device_id}/slow", slow, qos=1, shared=True)
 router.on("ops/{device_id}/fail", fail, qos=1)
