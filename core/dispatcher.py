@@ -76,8 +76,7 @@ class Dispatcher:
         self._idle: asyncio.Event | None = None
         self.completed = 0  # read by the network thread for backpressure; written here only
         self.last_message_at = 0.0
-        dl = settings.dead_letter_topic
-        self._dead_letter_prefix = dl.split("{topic}", 1)[0] if "{topic}" in dl else dl
+        self._is_dead_letter_topic = dead_letter_matcher(settings.dead_letter_topic)
         self._endpoints: dict[int, _Endpoint] = {}
         self._by_sub_id: list[_Endpoint | None] = [None]
         for route in table.routes:
@@ -278,7 +277,7 @@ class Dispatcher:
         if endpoint is not None:
             endpoint.stats.dead_lettered += 1
         route = endpoint.pattern if endpoint is not None else ""
-        if topic.startswith(self._dead_letter_prefix):
+        if self._is_dead_letter_topic(topic):
             log.error("message on dead-letter topic %r failed again (%s: %s); not dead-lettering it twice", topic,
                       error_type, error)
             return
@@ -317,6 +316,19 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(*left, return_exceptions=True)
             return False
+
+
+def dead_letter_matcher(template: str) -> Callable[[str], bool]:
+    """A test for "this topic is one of our dead-letter topics" (DEAD_LETTER_TOPIC, `{topic}` optional).
+
+    A message that fails on such a topic is not dead-lettered again, or it would loop.
+    """
+    if "{topic}" not in template:
+        return template.__eq__
+    head, tail = template.split("{topic}", 1)
+    tail = tail.replace("{topic}", "")  # a second placeholder is unusual; match on the first
+    least = len(head) + len(tail)
+    return lambda topic: len(topic) > least and topic.startswith(head) and topic.endswith(tail)
 
 
 def dead_letter_envelope(topic: str, raw: bytes, error_type: str, error: str, route: str, worker: str) -> dict[str, Any]:

@@ -26,25 +26,29 @@ def decode_payload(raw: bytes, fmt: str = "auto") -> Any:
             return ""
         first = raw[0]
         if first in _JSON_START or (first in b" \t\r\n" and raw.lstrip()[:1] in (b"{", b"[")):
-            try:
-                return _json_loads(raw)
-            except ValueError as exc:
-                raise PayloadError(f"invalid JSON: {exc}") from None
+            return _decode_json(raw)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
             return raw
     if fmt == "json":
-        try:
-            return _json_loads(raw)
-        except ValueError as exc:
-            raise PayloadError(f"invalid JSON: {exc}") from None
+        return _decode_json(raw)
     if fmt == "text":
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise PayloadError(f"payload is not UTF-8 text: {exc}") from None
     return raw
+
+
+def _decode_json(raw: bytes) -> Any:
+    try:
+        return _json_loads(raw)
+    except ValueError as exc:
+        raise PayloadError(f"invalid JSON: {exc}") from None
+    except RecursionError:
+        # `[[[[...` a few thousand levels deep: json gives up before MAX_PAYLOAD_BYTES does.
+        raise PayloadError("invalid JSON: nested too deeply") from None
 
 
 def encode_payload(value: Any) -> bytes:

@@ -73,3 +73,10 @@ def test_encoding_falls_back_to_str_for_unknown_types() -> None:
 def test_round_trip_of_json_objects() -> None:
     value = {"nested": {"list": [1, 2.5, "x", None]}, "ü": "ß"}
     assert decode_payload(encode_payload(value)) == value
+
+
+@pytest.mark.parametrize("fmt", ["auto", "json"])
+def test_json_nested_too_deeply_is_a_payload_error(fmt: str) -> None:
+    # 100 KB, well under MAX_PAYLOAD_BYTES, but deeper than json's recursion limit.
+    with pytest.raises(PayloadError, match="nested too deeply"):
+        decode_payload(b"[" * 100_000, fmt)
