@@ -46,6 +46,7 @@ from core.config import Settings
 from core.context import MessageContext
 from core.database import Base, Database, DatabaseError, safe_url
 from core.payload import encode_payload
+from core.streams import is_transient, is_unreachable
 
 if TYPE_CHECKING:
     from core.runtime import Runtime
@@ -56,6 +57,7 @@ PENDING, PROCESSING, PUBLISHED, FAILED, ABANDONED = "PENDING", "PROCESSING", "PU
 STATUSES = (PENDING, PROCESSING, PUBLISHED, FAILED, ABANDONED)
 MQTT, STREAM = "mqtt", "stream"
 BACKOFF_CAP = 3600.0  # longest wait between two attempts, seconds
+REDIS_PROBE_MIN, REDIS_PROBE_MAX = 0.2, 10.0  # backoff of the PING that tells when Redis is back, seconds
 
 DATABASE_KEY = "database"
 """`Services.extras[DATABASE_KEY]`: the process's `core.database.Database`."""
@@ -217,13 +219,22 @@ def retry_delay(attempts: int, base: float, rand: Callable[[], float] = random.r
 
 
 class OutboxCounters:
-    __slots__ = ("claimed", "published", "failed", "abandoned", "taken_over", "cleaned")
+    __slots__ = ("claimed", "published", "failed", "abandoned", "taken_over", "cleaned", "held")
 
     def __init__(self) -> None:
         self.claimed = self.published = self.failed = self.abandoned = self.taken_over = self.cleaned = 0
+        self.held = 0  # stream rows handed back uncounted because Redis could not take them
 
     def snapshot(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
+
+
+class _Held(Exception):
+    """Outcome of a stream row Redis could not take for a transient reason: handed back, attempt not counted."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
 
 
 class OutboxProcessor:
@@ -259,6 +270,9 @@ class OutboxProcessor:
         self._stopping = False
         self._next_cleanup = 0.0
         self._token: str | None = None  # the claim being published
+        self._redis_down = False  # Redis unreachable: stream rows stay unclaimed until a PING answers
+        self._redis_failures = 0  # consecutive rounds Redis could not take stream rows (backoff)
+        self._next_probe = 0.0
 
     # -- lifecycle --
 
@@ -306,18 +320,36 @@ class OutboxProcessor:
 
     # -- one round --
 
-    def _kinds(self) -> list[str]:
+    async def _kinds(self) -> list[str]:
         kinds = []
         state = getattr(self.publisher, "state", None)
         if state is None or state.connected:
             kinds.append(MQTT)  # while the broker is away, MQTT rows wait unclaimed (no attempt is spent)
-        if self.redis_getter() is not None:
-            kinds.append(STREAM)
+        redis = self.redis_getter()
+        if redis is not None and (not self._redis_down or await self._redis_back(redis)):
+            kinds.append(STREAM)  # likewise stream rows while Redis is unreachable
         return kinds
+
+    async def _redis_back(self, redis: Any) -> bool:
+        """While Redis is unreachable: PING it (with backoff); True once it answers."""
+        if time.monotonic() < self._next_probe:
+            return False
+        try:
+            await asyncio.wait_for(redis.ping(), 2.0)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - any failure means "not yet"
+            self._next_probe = time.monotonic() + backoff_delay(self._redis_failures, REDIS_PROBE_MIN, REDIS_PROBE_MAX,
+                                                                random.random)
+            self._redis_failures += 1
+            return False
+        log.warning("outbox: Redis is reachable again: publishing stream rows")
+        self._redis_down = False
+        return True
 
     async def process_once(self) -> int:
         """Claim one batch, publish it, record the outcome. Returns the number of rows claimed."""
-        kinds = self._kinds()
+        kinds = await self._kinds()
         if not kinds:
             return 0
         rows, token = await self.claim(kinds)
@@ -432,18 +464,51 @@ class OutboxProcessor:
             pipe.xadd(row.destination, fields, maxlen=maxlen, approximate=True)
         try:
             results = await pipe.execute(raise_on_error=False)
-        except Exception as exc:  # noqa: BLE001 - Redis unreachable: every row of the batch failed this attempt
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every row of the batch failed (classified below)
             results = [exc] * len(rows)
+        held: BaseException | None = None
         for (i, _), result in zip(rows, results):
-            outcomes[i] = result if isinstance(result, BaseException) else None
+            if not isinstance(result, BaseException):
+                outcomes[i] = None
+            elif is_transient(result):
+                # Unreachable, or READONLY/OOM/...: not the row's fault; it waits without spending an attempt.
+                outcomes[i] = _Held(result)
+                held = result
+            else:
+                outcomes[i] = result
+        if held is None:
+            self._redis_failures = 0
+            return
+        count = sum(1 for outcome in outcomes if isinstance(outcome, _Held))
+        if is_unreachable(held):
+            if not self._redis_down:
+                log.warning("outbox: Redis unreachable (%s: %s): holding %d stream row(s) until it is back; "
+                            "attempts are not counted", type(held).__name__, held, count)
+            self._redis_down = True
+            self._next_probe = time.monotonic() + backoff_delay(0, REDIS_PROBE_MIN, REDIS_PROBE_MAX, random.random)
+        elif self._redis_failures == 0:
+            log.warning("outbox: Redis cannot take stream rows now (%s: %s): holding %d row(s), retrying with "
+                        "backoff; attempts are not counted", type(held).__name__, held, count)
+        self._redis_failures += 1
 
     async def _record(self, rows: list[Any], outcomes: list[BaseException | None], token: str) -> None:
         t = self.table
         now = utcnow()
         done = [row.id for row, outcome in zip(rows, outcomes) if outcome is None]
         failed = []
+        held = []
+        # Held rows go back to PENDING with their attempt uncounted; unreachable Redis is waited for by not
+        # claiming stream rows at all, other transient replies (OOM, READONLY...) by a growing delay.
+        hold_until = now + timedelta(seconds=0.0 if self._redis_down else backoff_delay(
+            max(0, self._redis_failures - 1), REDIS_PROBE_MIN, REDIS_PROBE_MAX, random.random))
         for row, outcome in zip(rows, outcomes):
             if outcome is None:
+                continue
+            if isinstance(outcome, _Held):
+                held.append({"row_id": row.id, "attempts_before": row.attempts - 1, "next_at": hold_until,
+                             "error": f"held: {outcome}"[:2000]})
                 continue
             error = f"{type(outcome).__name__}: {outcome}"[:2000]
             if row.attempts >= self.max_attempts:
@@ -468,7 +533,15 @@ class OutboxProcessor:
                             last_error=bindparam("error"), locked_until=None),
                     failed,
                 )
+            if held:
+                await conn.execute(
+                    update(t).where(t.c.id == bindparam("row_id"), t.c.locked_by == token)
+                    .values(status=PENDING, attempts=bindparam("attempts_before"), next_attempt_at=bindparam("next_at"),
+                            last_error=bindparam("error"), locked_until=None),
+                    held,
+                )
         self.counters.published += len(done)
+        self.counters.held += len(held)
 
     async def _release(self) -> None:
         """At shutdown, hand back a claim we could not finish (the next claimer takes it at once)."""

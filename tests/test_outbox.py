@@ -224,3 +224,100 @@ def test_transaction_without_a_database_says_what_to_set() -> None:
     context = MessageContext("a/b", {}, None, b"", 0, False, False, None, router.routes[0], Services(publisher=None))  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="DATABASE_URL"):
         context.transaction()
+
+
+class FakeRedis:
+    """Pipeline XADD replies chosen by the test: `replies` (one per entry) or `raise_on_execute`; PING as `up`."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.reply: Any = None  # an exception instance to answer every XADD with; None: an id
+        self.entries: list[tuple[str, dict[str, Any]]] = []
+        self.pings = 0
+
+    async def ping(self) -> bool:
+        self.pings += 1
+        if not self.up:
+            from redis.exceptions import ConnectionError
+
+            raise ConnectionError("Connection refused")
+        return True
+
+    def pipeline(self, transaction: bool = False) -> Any:
+        fake = self
+
+        class Pipe:
+            def __init__(self) -> None:
+                self.queued: list[tuple[str, dict[str, Any]]] = []
+
+            def xadd(self, stream: str, fields: dict[str, Any], **_: Any) -> None:
+                self.queued.append((stream, fields))
+
+            async def execute(self, raise_on_error: bool = True) -> list[Any]:
+                if not fake.up:
+                    from redis.exceptions import ConnectionError
+
+                    raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+                if fake.reply is not None:
+                    return [fake.reply for _ in self.queued]
+                fake.entries.extend(self.queued)
+                return [b"1-%d" % i for i, _ in enumerate(self.queued)]
+
+        return Pipe()
+
+
+async def _make_due(db: Database, table: Table) -> None:
+    async with db.engine.begin() as conn:
+        await conn.execute(update(table).values(next_attempt_at=utcnow()))
+
+
+async def test_stream_rows_are_not_claimed_while_redis_is_unreachable(db: Database, tmp_path: Path) -> None:
+    table = await _table(db)
+    redis = FakeRedis()
+    processor = OutboxProcessor(db, table, _settings(tmp_path, OUTBOX_MAX_ATTEMPTS="1"), RecordingPublisher(),
+                                redis_getter=lambda: redis)
+    async with UnitOfWork(db, table, redis_enabled=True) as tx:
+        tx.publish_stream("orders", {"n": 1})
+        tx.publish("out/1", 1)
+    redis.up = False
+    assert await processor.process_once() == 2  # Redis not known to be down yet: claimed, then handed back
+    rows = {r.kind: r for r in await _all(db, table)}
+    assert (rows["stream"].status, rows["stream"].attempts) == (PENDING, 0)
+    assert "held: ConnectionError" in rows["stream"].last_error
+    assert rows["mqtt"].status == PUBLISHED  # MQTT rows of the same batch are not held up
+    for _ in range(3):
+        await _make_due(db, table)
+        processor._next_probe = 0.0  # probe now rather than after the backoff
+        assert await processor.process_once() == 0
+    assert redis.pings == 3
+    [row] = [r for r in await _all(db, table) if r.kind == "stream"]
+    assert (row.status, row.attempts) == (PENDING, 0)
+    redis.up = True
+    processor._next_probe = 0.0
+    assert await processor.process_once() == 1
+    [row] = [r for r in await _all(db, table) if r.kind == "stream"]
+    assert (row.status, row.attempts, row.last_error) == (PUBLISHED, 1, None)
+    assert redis.entries == [("orders", {"payload": b'{"n":1}'})]
+    assert processor.counters.held == 1 and processor.counters.abandoned == 0
+
+
+async def test_transient_redis_replies_hold_stream_rows_without_spending_attempts(db: Database, tmp_path: Path) -> None:
+    from redis.exceptions import OutOfMemoryError, ResponseError
+
+    table = await _table(db)
+    redis = FakeRedis()
+    processor = OutboxProcessor(db, table, _settings(tmp_path, OUTBOX_MAX_ATTEMPTS="1"), RecordingPublisher(),
+                                redis_getter=lambda: redis)
+    async with UnitOfWork(db, table, redis_enabled=True) as tx:
+        tx.publish_stream("orders", {"n": 1})
+    for reply in (OutOfMemoryError("command not allowed when used memory > 'maxmemory'.", status_code="OOM"),
+                  ResponseError("READONLY You can't write against a read only replica.")):
+        redis.reply = reply
+        assert await processor.process_once() == 1
+        [row] = await _all(db, table)
+        assert (row.status, row.attempts) == (PENDING, 0) and row.next_attempt_at > utcnow() - timedelta(seconds=1)
+        await _make_due(db, table)
+    redis.reply = ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+    assert await processor.process_once() == 1
+    [row] = await _all(db, table)
+    assert (row.status, row.attempts) == (ABANDONED, 1) and "WRONGTYPE" in row.last_error

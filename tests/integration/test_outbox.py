@@ -7,6 +7,7 @@ Every process started here is stopped by PID.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -22,7 +23,7 @@ from sqlalchemy import Column, Integer, MetaData, Table, select, text
 from bootstrap.app import Application
 from core.config import load_settings
 from core.database import Database
-from core.outbox import ABANDONED, PROCESSING, PUBLISHED, OutboxProcessor, UnitOfWork, outbox_table
+from core.outbox import ABANDONED, PROCESSING, PUBLISHED, OutboxProcessor, UnitOfWork, outbox_table, utcnow
 from core.router import Router
 from tests.apps.streams_support.harness import AppProcess, Collector, Publisher, app_env, wait_for
 from tests.support.servers import MosquittoServer, RedisServer
@@ -315,3 +316,50 @@ async def _until(condition: Any, what: str, timeout: float = 30.0) -> None:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         await asyncio.sleep(0.02)
 
+
+
+async def test_stream_rows_wait_unclaimed_while_redis_is_down_and_are_published_after(
+        redis_factory: Callable[..., RedisServer], unique_id: str, tmp_path: Path) -> None:
+    """A private redis-server is stopped (by PID) while stream rows are due: no attempt is spent on them, however
+    many rounds pass (OUTBOX_MAX_ATTEMPTS=2 would abandon them after two); after it starts again all are published."""
+    from core.streams import make_redis
+
+    server = redis_factory()
+    url = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"
+    settings = load_settings({"DATABASE_URL": url, "ENABLE_REDIS": "true", "REDIS_URL": server.url,
+                              "OUTBOX_MAX_ATTEMPTS": "2", "OUTBOX_BASE_DELAY": "50ms"})
+    client = make_redis(settings)
+    stream = f"stream-{unique_id}"
+    db = Database(url)
+    table = outbox_table("outbox")
+    await db.create_tables(table.metadata)
+    processor = OutboxProcessor(db, table, settings, publisher=None, redis_getter=lambda: client)
+
+    async def rows() -> list[Any]:
+        async with db.engine.connect() as conn:
+            return list(await conn.execute(select(table)))
+
+    try:
+        await asyncio.to_thread(server.stop)
+        async with UnitOfWork(db, table, redis_enabled=True) as tx:
+            for n in range(20):
+                tx.publish_stream(stream, {"n": n})
+        for _ in range(6):  # rounds during the outage, every row made due before each
+            async with db.engine.begin() as conn:
+                await conn.execute(table.update().values(next_attempt_at=utcnow()))
+            await processor.process_once()
+            assert {(row.status, row.attempts) for row in await rows()} == {("PENDING", 0)}
+        assert processor.counters.held == 20 and processor.counters.abandoned == 0
+        await asyncio.to_thread(server.start)
+        deadline = time.monotonic() + 30
+        while {row.status for row in await rows()} != {PUBLISHED} and time.monotonic() < deadline:
+            await processor.process_once()
+            await asyncio.sleep(0.05)
+        assert {(row.status, row.attempts) for row in await rows()} == {(PUBLISHED, 1)}
+        entries = await client.xrange(stream)
+        assert sorted(json.loads(fields[b"payload"])["n"] for _, fields in entries) == list(range(20))
+    finally:
+        if server.running:
+            await client.delete(stream)
+        await client.aclose()
+        await db.dispose()
