@@ -105,15 +105,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     # in an image is sized by the environment (in a container the CPU count is the node's).
     if not workers and settings.worker_count is not None and app.shared_routes():
         workers = settings.worker_count
+    from bootstrap.app import exit_past_stuck_threads
+
     try:
         if workers is not None:
             from core.worker_manager import run_supervisor
 
             from core.http import supervisor_services
 
-            return run_supervisor(app, workers=workers or None, test_mode=args.test_mode, env_file=args.env_file,
+            code = run_supervisor(app, workers=workers or None, test_mode=args.test_mode, env_file=args.env_file,
                                   services=supervisor_services(settings))
-        return asyncio.run(serve_single_process(app, test_mode=args.test_mode))
+        else:
+            code = asyncio.run(serve_single_process(app, test_mode=args.test_mode))
+        # A plain handler stuck in the thread pool would otherwise keep the process from exiting.
+        return exit_past_stuck_threads(code)
     except (EmbeddedBrokerError, OpsServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,8 +9,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import pkgutil
 import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -162,6 +166,34 @@ async def serve_single_process(app: Application, *, test_mode: bool = False) -> 
         if broker is not None:
             await broker.stop()
     return 0 if clean else 1
+
+
+STUCK_THREAD_GRACE = 1.0  # seconds for idle pool threads to notice the executor's shutdown
+
+
+def exit_past_stuck_threads(code: int, grace: float = STUCK_THREAD_GRACE) -> int:
+    """After serving: return `code`, or end the process with it now if threads are still running.
+
+    A plain handler stuck in its pool thread cannot be interrupted, and Python joins the pool's
+    threads when the interpreter exits, so such a process would never exit even though the runtime
+    gave up on the handler after SHUTDOWN_TIMEOUT (workers always end with os._exit for the same
+    reason). Logs are flushed first; a process whose threads all ended exits normally.
+    """
+    main = threading.main_thread()
+    deadline = time.monotonic() + grace
+    for thread in threading.enumerate():
+        if thread is not main and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive()]
+    if not stuck:
+        return code
+    log.error("%d thread(s) still running after the shutdown (%s), presumably plain handlers stuck in user code, "
+              "which cannot be interrupted; exiting with code %d without waiting for them",
+              len(stuck), ", ".join(stuck), code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def install_stop_signals(request_stop: Callable[[], None]) -> None:

@@ -39,7 +39,7 @@ def test_routes_uses_the_group_name_and_routers_package() -> None:
     result = run_main("routes", env=base_env(ROUTERS_PACKAGE="tests.apps.core_app", CORE_APP_PREFIX="pfx"))
     assert result.returncode == 0
     assert "pfx/work/{n}" in result.stdout and "pfx/work/+" in result.stdout
-    assert result.stdout.strip().endswith("2 route(s)")
+    assert result.stdout.strip().endswith("3 route(s)")
 
 
 def test_route_error_exits_2_naming_route_and_module() -> None:

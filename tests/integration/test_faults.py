@@ -158,6 +158,32 @@ async def test_shutdown_timeout_cancels_and_leaves_the_message_to_the_broker(
     assert await second.wait_exit() == 0
 
 
+async def test_stuck_sync_handler_does_not_keep_the_stopped_process_alive(
+        mosquitto: Any, core_app: AppFactory, probe_factory: ProbeFn, unique_id: str, tmp_path: Path) -> None:
+    """A plain handler blocked in its pool thread cannot be cancelled, and Python joins pool threads
+    at exit: the process must exit 1 after SHUTDOWN_TIMEOUT anyway, its log complete."""
+    u = unique_id
+    target = BrokerTarget("mosquitto", mosquitto.host, mosquitto.port, v5=True)
+    first = core_app(mosquitto.port, SHUTDOWN_TIMEOUT="1")
+    await first.wait_ready()
+    probe = await probe_factory(target)
+    await probe.publish(f"{u}/syncwork/1", {"block": True})
+    await wait_until(has(tmp_path, "start", "1"), "the plain handler to start")
+    first.signal(signal.SIGTERM)
+    assert await first.wait_exit(timeout=20) == 1, first.output()
+    output = first.output()
+    assert "still running after 1 s; cancelling them" in output
+    assert "stopped (handlers cancelled)" in output
+    assert "1 thread(s) still running after the shutdown (handler_0)" in output  # logged, and flushed, last
+    assert not has(tmp_path, "done", "1")()
+
+    release_blocked(tmp_path)
+    second = core_app(mosquitto.port)
+    await wait_until(has(tmp_path, "done", "1"), "the redelivered message")
+    second.signal(signal.SIGTERM)
+    assert await second.wait_exit() == 0
+
+
 # -- the broker goes away under an in-process runtime ---------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,15 @@ async def work(n: str, payload: Any, context: MessageContext) -> None:
     record("done", n)
 
 
+def sync_work(n: str, payload: Any) -> None:
+    """`<prefix>/syncwork/{n}`: a plain handler (thread pool); {"block": true} blocks its thread until the release file."""
+    record("start", n)
+    if isinstance(payload, dict) and payload.get("block"):
+        while not RELEASE.exists():
+            time.sleep(0.02)
+    record("done", n)
+
+
 async def ping(payload: Any, context: MessageContext) -> None:
     """`<prefix>/ping` (QoS 0): publishes `<prefix>/pong` at QoS 1, returning once the broker has it."""
     await context.publish(f"{PREFIX}/pong", payload, qos=1)
@@ -45,3 +55,4 @@ async def ping(payload: Any, context: MessageContext) -> None:
 router = Router()
 router.on(f"{PREFIX}/work/{{n}}", work, qos=1)
 router.on(f"{PREFIX}/ping", ping, qos=0)
+router.on(f"{PREFIX}/syncwork/{{n}}", sync_work, qos=1)
