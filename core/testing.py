@@ -21,7 +21,11 @@ the broker follows MQTT semantics:
   identifier and QoS `min(published, route)`, as Mosquitto delivers; `protocol="3.1.1"`: one copy
   per message at the highest matching QoS, as the embedded broker delivers;
 - what handlers publish (responses, dead letters, `context.publish`) is recorded and, like a real
-  broker, delivered to the routes it matches (`loopback=False` turns that off).
+  broker, delivered to the routes it matches (`loopback=False` turns that off);
+- Redis Streams in memory, without Redis: a `stream=` route's message is appended to an in-memory
+  stream and its handler runs as the stream consumer would run it (same arguments, middleware,
+  timeout, retries, `<stream>:dlq`); a `Router.stream` route has no MQTT subscription, so only
+  `feed_stream(name, payload)` reaches it.
 
 `publish()` returns once every handler the message (and what it caused) started has finished.
 """
@@ -43,16 +47,17 @@ from paho.mqtt.properties import Properties
 
 from core.config import Settings, load_settings
 from core.context import MessageContext, Services
-from core.dispatcher import Dispatcher
-from core.middleware import CallNext
-from core.payload import encode_payload
+from core.dispatcher import DeadLetter, Dispatcher
+from core.middleware import CallNext, build_chain
+from core.payload import PayloadError, decode_payload, encode_payload
 from core.router import Route, Router, RouteTable
 from core.stats import ProcessStats
 
 if TYPE_CHECKING:
     from bootstrap.app import Application
 
-__all__ = ["TestClient", "PublishResult", "PublishedMessage", "DeadLetterRecord", "HandlerCall", "TestClientError"]
+__all__ = ["TestClient", "PublishResult", "PublishedMessage", "DeadLetterRecord", "HandlerCall", "TestClientError",
+           "StreamEntry", "StreamDeadLetter"]
 
 
 class TestClientError(AssertionError):
@@ -116,6 +121,29 @@ class HandlerCall:
         return self.error is None
 
 
+@dataclass(frozen=True)
+class StreamEntry:
+    """An entry appended to an in-memory stream (by a `stream=` route, or by `feed_stream`)."""
+
+    stream: str
+    id: str
+    fields: Mapping[str, Any]  # as they would be stored in Redis (bridged entries: topic, params, payload, headers, route)
+
+
+@dataclass(frozen=True)
+class StreamDeadLetter:
+    """An entry the stream consumer moved to `<stream>:dlq` (a DeadLetter, or out of retries)."""
+
+    stream: str  # the dead-letter stream, `<stream>:dlq`
+    original_stream: str
+    entry_id: str
+    route: str  # pattern of the route whose handler failed ("" when none matched)
+    error_type: str
+    error: str
+    attempts: int
+    fields: Mapping[str, Any]  # the original entry
+
+
 @dataclass
 class PublishResult:
     """What happened while one `publish()` was handled (including what the handlers caused)."""
@@ -126,6 +154,7 @@ class PublishResult:
     published: list[PublishedMessage]
     dead_letters: list[DeadLetterRecord]
     response_topic: str | None = None
+    stream_dead_letters: list[StreamDeadLetter] = field(default_factory=list)
 
     @property
     def responses(self) -> list[PublishedMessage]:
@@ -245,6 +274,99 @@ class _MemoryPublisher:
         asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
 
+class _MemoryStreams:
+    """Stands in for the StreamWriter and the stream consumers: Redis Streams in this process's memory.
+
+    An appended entry is handled at once by the routes of its stream, the way `StreamConsumer` runs
+    them (decoded entry, same handler arguments, middleware, the route's timeout, up to
+    STREAM_MAX_RETRIES retries, then `<stream>:dlq`), except that retries do not wait
+    STREAM_RETRY_DELAY.
+    """
+
+    def __init__(self, client: "TestClient") -> None:
+        self._client = client
+        self._ids = itertools.count(1)
+        self._chains: dict[int, CallNext] = {}
+
+    def consumers(self, stream: str) -> list[Route]:
+        return [r for r in self._client.routes if r.stream == stream]
+
+    async def append(self, stream: str, fields: dict[str, Any]) -> str:
+        """What `bridge_call` awaits: "XADD", then consume in the background (the MQTT ack does not wait)."""
+        entry = StreamEntry(stream, f"{next(self._ids)}-0", dict(fields))
+        self._client.streams.setdefault(stream, []).append(entry)
+        self._client._track(self._consume(entry))
+        return entry.id
+
+    def _endpoint(self, routes: list[Route], route_pattern: str | None, topic: str) -> Route | None:
+        # As StreamConsumer._endpoint_for: the bridging route by pattern, else by topic; external entries
+        # go to the `Router.stream` consumer, else to the stream's first route.
+        if route_pattern is not None:
+            for route in routes:
+                if route.pattern == route_pattern:
+                    return route
+            for route in routes:
+                if route.subscribe and route.match(topic) is not None:
+                    return route
+            return None
+        external = [r for r in routes if not r.subscribe]
+        return (external or routes)[0]
+
+    def _chain(self, route: Route) -> CallNext:
+        chain = self._chains.get(id(route))
+        if chain is None:
+            from core.streams import handler_call
+
+            assert self._client._executor is not None
+            chain = self._chains[id(route)] = build_chain(route.middleware, handler_call(route, self._client._executor))
+        return chain
+
+    async def _consume(self, entry: StreamEntry) -> None:
+        from core.streams import StreamDelivery, decode_entry
+
+        client = self._client
+        routes = self.consumers(entry.stream)
+        max_retries = client.settings.stream_max_retries
+        route: Route | None = None
+        attempt = 1
+        while True:
+            try:
+                message = decode_entry(entry.stream, dict(entry.fields))
+                route = self._endpoint(routes, message.route, message.topic)
+                if route is None:
+                    raise LookupError(f"no route of stream {entry.stream!r} matches route {message.route!r} / "
+                                      f"topic {message.topic!r}")
+                payload = decode_payload(message.raw, route.payload_format)
+            except (PayloadError, LookupError) as exc:
+                self._dead_letter(entry, route, attempt, exc)
+                return
+            context = MessageContext(message.topic, message.params, payload, message.raw, message.qos,
+                                     message.retain, attempt > 1, message.properties, route, client.services)
+            context.state["stream"] = StreamDelivery(entry.stream, entry.id, attempt)
+            try:
+                chain = self._chain(route)
+                result = await (chain(context) if route.timeout is None else asyncio.wait_for(chain(context), route.timeout))
+            except Exception as exc:
+                if isinstance(exc, DeadLetter) or attempt > max_retries:
+                    self._dead_letter(entry, route, attempt, exc)
+                    return
+                attempt += 1
+                continue
+            if result is not None and context.response_topic:
+                properties = {"correlation_data": context.correlation_data} if context.correlation_data is not None else None
+                await client.services.publisher.publish(context.response_topic, result, 1 if context.qos else 0, False,
+                                                        properties=properties)
+            return
+
+    def _dead_letter(self, entry: StreamEntry, route: Route | None, attempts: int, error: BaseException) -> None:
+        from core.streams import DLQ_SUFFIX
+
+        self._client.stream_dead_letters.append(StreamDeadLetter(
+            entry.stream + DLQ_SUFFIX, entry.stream, entry.id, route.pattern if route is not None else "",
+            type(error).__name__, f"{type(error).__name__}: {error}", attempts, entry.fields,
+        ))
+
+
 class TestClient:
     """Runs routes in-process. Use `async with TestClient(app) as client` (or plain `with`).
 
@@ -282,6 +404,10 @@ class TestClient:
         self.table = RouteTable(self.routes)
         self.stats = ProcessStats()
         self.services = Services(_MemoryPublisher(self), worker_id)
+        self._streams = _MemoryStreams(self)
+        self.streams: dict[str, list[StreamEntry]] = {}  # in-memory streams: what was appended, by name
+        self.stream_dead_letters: list[StreamDeadLetter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self.published: list[PublishedMessage] = []
         self.dead_letters: list[DeadLetterRecord] = []
         self.acks: list[tuple[int, int]] = []  # (packet id, qos) in the order the dispatcher acknowledged
@@ -303,7 +429,12 @@ class TestClient:
     async def start(self) -> "TestClient":
         from core.rate_limit import REDIS_KEY, check_rate_limits
 
+        from core.streams import WRITER_KEY, check_stream_routes
+
         check_rate_limits(self.routes, self.settings)  # as at startup: a Redis rate limit needs ENABLE_REDIS
+        # Streams are simulated in memory, so they need no ENABLE_REDIS; the other checks apply.
+        check_stream_routes(self.routes, self.settings.with_overrides(enable_redis=True))
+        self.services.extras[WRITER_KEY] = self._streams
         if self.settings.enable_redis and REDIS_KEY not in self.services.extras:
             # The process's Redis client, as the runtime has it (connects on first use): Redis rate limits.
             from core.streams import make_redis
@@ -324,6 +455,9 @@ class TestClient:
         if self._dispatcher is not None:
             self._dispatcher.stop_accepting()
             await self._dispatcher.drain(self.timeout)
+        for task in list(self._tasks):  # stream handlers still running (a publish that timed out)
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self._own_redis:
@@ -372,7 +506,7 @@ class TestClient:
             raise ValueError(f"qos must be 0, 1 or 2, not {qos!r}")
         if response_topic is not None:
             check_topic_name(response_topic)
-        marks = (len(self._calls), len(self.published), len(self.dead_letters))
+        marks = (len(self._calls), len(self.published), len(self.dead_letters), len(self.stream_dead_letters))
         self._deliveries = 0
         self._overflow = False
         properties = {"response_topic": response_topic, "correlation_data": correlation_data,
@@ -387,8 +521,42 @@ class TestClient:
         return PublishResult(
             topic=topic, delivered_to=delivered_to, calls=self._calls[marks[0]:],
             published=self.published[marks[1]:], dead_letters=self.dead_letters[marks[2]:],
-            response_topic=response_topic,
+            response_topic=response_topic, stream_dead_letters=self.stream_dead_letters[marks[3]:],
         )
+
+    async def feed_stream(self, stream: str, payload: Any = None, *, fields: Mapping[str, Any] | None = None
+                          ) -> PublishResult:
+        """Append an entry to `stream` as another system would (XADD) and wait for its consumers.
+
+        The entry's fields are `payload` (encoded like a published payload) plus `fields`; with no
+        payload and `fields` given, only those (the handler then gets them as a dict). This is how a
+        `Router.stream` route is reached: it has no MQTT subscription. The result's `topic` is the
+        stream name (what `context.topic` is for such entries).
+        """
+        if self._dispatcher is None:
+            raise RuntimeError("start the client first: `async with TestClient(...) as client`")
+        consumers = self._streams.consumers(stream)
+        if not consumers:
+            raise TestClientError(f"no route consumes the stream {stream!r} (Router.stream(...) or on(..., stream=...))")
+        entry_fields: dict[str, Any] = {} if payload is None and fields else {"payload": encode_payload(payload)}
+        entry_fields.update({str(k): v if isinstance(v, bytes) else str(v) for k, v in (fields or {}).items()})
+        marks = (len(self._calls), len(self.published), len(self.dead_letters), len(self.stream_dead_letters))
+        self._deliveries = 0
+        self._overflow = False
+        await self._streams.append(stream, entry_fields)
+        await self._wait_idle(f"stream {stream!r}")
+        return PublishResult(
+            topic=stream, delivered_to=[r.pattern for r in consumers], calls=self._calls[marks[0]:],
+            published=self.published[marks[1]:], dead_letters=self.dead_letters[marks[2]:],
+            stream_dead_letters=self.stream_dead_letters[marks[3]:],
+        )
+
+    def feed_stream_sync(self, stream: str, payload: Any = None, **kwargs: Any) -> PublishResult:
+        """`feed_stream` for plain (non-async) tests, inside `with TestClient(...) as client:`."""
+        if self._runner is None:
+            raise RuntimeError("feed_stream_sync() needs `with TestClient(...) as client:`; in async tests use "
+                               "`await client.feed_stream(...)`")
+        return self._runner.run(self.feed_stream(stream, payload, **kwargs))
 
     def publish_sync(self, topic: str, payload: Any = None, qos: int = 0, retain: bool = False,
                      **kwargs: Any) -> PublishResult:
@@ -403,6 +571,8 @@ class TestClient:
         self.dead_letters.clear()
         self.acks.clear()
         self._calls.clear()
+        self.streams.clear()
+        self.stream_dead_letters.clear()
 
     @property
     def calls(self) -> list[HandlerCall]:
@@ -413,7 +583,9 @@ class TestClient:
     def _deliver(self, topic: str, payload: bytes, qos: int, properties: Properties) -> list[str]:
         """Send copies to the matching subscriptions; returns the patterns delivered to."""
         assert self._dispatcher is not None
-        matching = [(index, route) for index, route in enumerate(self.routes) if topic_matches_sub(route.filter, topic)]
+        # `Router.stream` routes have no MQTT subscription (their `$stream/<name>` pattern is not a filter).
+        matching = [(index, route) for index, route in enumerate(self.routes)
+                    if route.subscribe and topic_matches_sub(route.filter, topic)]
         if not matching:
             return []
         if self._deliveries + len(matching) > self.max_deliveries:
@@ -434,6 +606,18 @@ class TestClient:
         assert self._dispatcher is not None
         self._submitted += 1
         self._dispatcher.submit(delivery, 0)
+
+    def _track(self, coro: Any) -> None:
+        """Run work the broker stand-in started (stream consumers) so that `_wait_idle` waits for it."""
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if self._progress is not None:
+                self._progress.set()
+
+        task.add_done_callback(done)
 
     def _next_mid(self, qos: int) -> int:
         return next(self._mids) if qos else 0
@@ -478,15 +662,16 @@ class TestClient:
         assert self._dispatcher is not None and self._progress is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        while self._dispatcher.completed < self._submitted:
+        while self._dispatcher.completed < self._submitted or self._tasks:
             self._progress.clear()
-            if self._dispatcher.completed >= self._submitted:
+            if self._dispatcher.completed >= self._submitted and not self._tasks:
                 break
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TestClientError(
                     f"handlers still running {self.timeout} s after publishing to {topic!r} "
-                    f"({self._dispatcher.inflight} in flight); raise TestClient(timeout=...) or look for a hang"
+                    f"({self._dispatcher.inflight + len(self._tasks)} in flight); raise TestClient(timeout=...) or "
+                    "look for a hang"
                 )
             try:
                 await asyncio.wait_for(self._progress.wait(), remaining)

@@ -345,3 +345,110 @@ async def test_same_routes_run_as_in_the_real_runtime_on_mosquitto(mosquitto_fac
     relevant = set(TOPICS) | {"marker/end"}  # not the broker's own $SYS messages
     assert Counter(c for c in got if c[1] in relevant) == Counter(c for c in expected if c[1] in relevant)
     assert ("1", "d") in got and ("6", "d/a/t/x/y") in got and ("2", "d/a/t") in got
+
+
+# -- Redis Streams, in memory ----------------------------------------------------------------------
+
+
+async def test_a_stream_route_runs_its_handler_as_the_consumer_would_without_redis() -> None:
+    seen: list[dict[str, Any]] = []
+    router = Router()
+
+    class Tag:
+        async def handle(self, context: Any, call_next: Any) -> Any:
+            context.state["tagged"] = True
+            return await call_next(context)
+
+    @router.route("orders/{id}/placed", qos=1, shared=True, stream="orders", middleware=[Tag()])
+    async def placed(id: str, payload: Any, topic: str, context: Any) -> dict[str, str]:
+        delivery = context.state["stream"]
+        seen.append({"id": id, "payload": payload, "topic": topic, "stream": delivery.stream,
+                     "attempt": delivery.attempt, "tagged": context.state.get("tagged"), "qos": context.qos})
+        return {"order": id}
+
+    async with TestClient(router) as client:  # no ENABLE_REDIS, no Redis
+        result = await client.publish("orders/7/placed", {"total": 3}, qos=1, response_topic="replies/7",
+                                      correlation_data=b"c7")
+    assert result.dead_letters == [] and result.stream_dead_letters == []
+    assert seen == [{"id": "7", "payload": {"total": 3}, "topic": "orders/7/placed", "stream": "orders", "attempt": 1,
+                     "tagged": True, "qos": 1}]
+    assert result.result == {"order": "7"}
+    [reply] = result.responses
+    assert reply.json() == {"order": "7"} and reply.correlation_data == b"c7"
+    [entry] = client.streams["orders"]
+    assert entry.fields["route"] == "orders/{id}/placed" and entry.fields["topic"] == "orders/7/placed"
+    assert client.acks == [(1, 1)]
+
+
+async def test_a_failing_stream_entry_is_retried_then_moved_to_the_dlq() -> None:
+    attempts: list[int] = []
+    router = Router()
+
+    @router.route("jobs/{n}", qos=1, stream="jobs")
+    async def job(n: str, context: Any) -> None:
+        attempts.append(context.state["stream"].attempt)
+        if n == "poison":
+            raise ValueError("cannot do it")
+        if n == "refused":
+            raise DeadLetter("refused on purpose")
+
+    async with TestClient(router, env={"STREAM_MAX_RETRIES": "2"}) as client:
+        poison = await client.publish("jobs/poison", "x", qos=1)
+        assert attempts == [1, 2, 3]
+        attempts.clear()
+        refused = await client.publish("jobs/refused", "x", qos=1)
+        assert attempts == [1]  # a DeadLetter is not retried
+        ok = await client.publish("jobs/fine", "x", qos=1)
+    [dead] = poison.stream_dead_letters
+    assert (dead.stream, dead.original_stream, dead.route, dead.error_type, dead.attempts) == (
+        "jobs:dlq", "jobs", "jobs/{n}", "ValueError", 3)
+    assert dead.fields["topic"] == "jobs/poison"
+    assert [d.error_type for d in refused.stream_dead_letters] == ["DeadLetter"]
+    assert ok.stream_dead_letters == [] and poison.dead_letters == []  # the MQTT side succeeded: no MQTT dead letter
+    assert len(client.acks) == 3
+
+
+async def test_router_stream_routes_are_not_reachable_by_mqtt_only_by_feed_stream() -> None:
+    got: list[tuple[Any, str]] = []
+    router = Router()
+
+    async def external(payload: Any, topic: str) -> None:
+        got.append((payload, topic))
+
+    router.stream("external-orders", external)
+    async with TestClient(router) as client:
+        result = await client.publish("$stream/external-orders", {"id": 1}, qos=1)
+        assert result.delivered_to == [] and got == []  # no MQTT subscription, as in the runtime
+        fed = await client.feed_stream("external-orders", {"id": 2})
+        fields_only = await client.feed_stream("external-orders", fields={"id": "3", "kind": "x"})
+        with pytest.raises(TestClientError, match="no route consumes the stream 'nope'"):
+            await client.feed_stream("nope", "x")
+    assert got == [({"id": 2}, "external-orders"), ({"id": "3", "kind": "x"}, "external-orders")]
+    assert fed.delivered_to == ["$stream/external-orders"] and fed.calls[0].ok
+    assert fields_only.calls[0].payload == {"id": "3", "kind": "x"}
+
+
+def test_feed_stream_in_the_with_form() -> None:
+    router = Router()
+
+    def double(payload: Any) -> int:  # a plain handler runs in the thread pool
+        return int(payload) * 2
+
+    router.stream("numbers", double)
+    with TestClient(router) as client:
+        result = client.feed_stream_sync("numbers", "21")
+    assert result.result == 42
+
+
+async def test_context_transaction_is_not_simulated_and_says_so() -> None:
+    router = Router()
+
+    @router.route("tx/{n}")
+    async def uses_db(context: Any) -> None:
+        async with context.transaction():
+            pass
+
+    async with TestClient(router) as client:
+        result = await client.publish("tx/1", "x")
+    [dead] = result.dead_letters
+    assert "needs a database" in dead.error and "DATABASE_URL" in dead.error
