@@ -7,7 +7,7 @@ A stream route (`router.on("orders/{id}/placed", handler, stream="orders")`) has
   pipelined with whatever else is waiting). The Dispatcher acknowledges the MQTT message only
   after the XADD reply, so while Redis is away nothing is acknowledged and the broker keeps it.
 - Stream side (`StreamConsumer`, one per stream in every process that serves the route): a
-  consumer group (`MQTT_GROUP_NAME`, consumer = worker id) reads entries, runs the route's
+  consumer group (`MQTT_GROUP_NAME`, consumer = the process's MQTT client id, unique per replica) reads entries, runs the route's
   middleware and handler with the same arguments as an inline route, and XACKs after success.
   A failing entry is retried after `STREAM_RETRY_DELAY` (re-claimed with XCLAIM, which counts the
   delivery) up to `STREAM_MAX_RETRIES` times, then moved to `<stream>:dlq` and acknowledged.
@@ -413,12 +413,15 @@ class StreamConsumer:
         services: Services,
         stats: ProcessStats,
         executor: Executor,
+        consumer: str | None = None,
     ) -> None:
         self.redis = redis
         self.stream = stream
         self.dlq = stream + DLQ_SUFFIX
         self.group = settings.mqtt_group_name
-        self.consumer = services.worker_id
+        # Unique per replica (the MQTT client id: `<MQTT_CLIENT_ID>`, workers `<MQTT_CLIENT_ID>-w<i>`), so pods of
+        # one Deployment never share a consumer name, and so never each other's pending entries.
+        self.consumer = consumer or services.worker_id
         self.services = services
         self.stats = stats
         self.batch = settings.stream_batch_size
@@ -559,6 +562,7 @@ class StreamConsumer:
             self._inflight.discard(entry_id)
 
     async def _handle_once(self, entry_id: Any, fields: dict[Any, Any], attempt: int) -> None:
+        endpoint: _Endpoint | None = None
         try:
             message = decode_entry(self.stream, fields)
             endpoint = self._endpoint_for(message)
@@ -568,7 +572,7 @@ class StreamConsumer:
             payload = decode_payload(message.raw, endpoint.route.payload_format)
         except (PayloadError, LookupError) as exc:
             log.error("stream %r: entry %s cannot be handled: %s", self.stream, _text(entry_id), exc)
-            await self._dead_letter(entry_id, fields, attempt, exc)
+            await self._dead_letter(entry_id, fields, attempt, exc, endpoint)
             return
         context = MessageContext(
             message.topic, message.params, payload, message.raw, message.qos, message.retain, attempt > 1,
@@ -591,7 +595,7 @@ class StreamConsumer:
             if isinstance(exc, DeadLetter) or attempt > self.max_retries:
                 log.error("stream %r: entry %s failed (attempt %d): %s: %s; moving it to %r", self.stream,
                           _text(entry_id), attempt, type(exc).__name__, exc, self.dlq, exc_info=exc)
-                await self._dead_letter(entry_id, fields, attempt, exc)
+                await self._dead_letter(entry_id, fields, attempt, exc, endpoint)
             else:
                 log.warning("stream %r: entry %s failed (attempt %d of %d): %s: %s; retrying in %.3g s", self.stream,
                             _text(entry_id), attempt, self.max_retries + 1, type(exc).__name__, exc, self.retry_delay)
@@ -679,14 +683,24 @@ class StreamConsumer:
                 # Delivered that often without an ack: it kills or hangs whoever handles it.
                 error = RuntimeError(f"not acknowledged after {delivered - 1} deliveries (the consumers handling it "
                                      "died or hung)")
-                await self._dead_letter(entry_id, fields, delivered - 1, error)
+                await self._dead_letter(entry_id, fields, delivered - 1, error, self._endpoint_of(fields))
             else:
                 runnable.append((entry_id, fields, delivered))
         if runnable:
             await self._handle_batch(runnable)
 
-    async def _dead_letter(self, entry_id: Any, fields: dict[Any, Any], attempts: int, error: BaseException) -> None:
-        """Move the entry to `<stream>:dlq` with the error and attempt count, and acknowledge it (atomically)."""
+    def _endpoint_of(self, fields: dict[Any, Any]) -> _Endpoint | None:
+        try:
+            return self._endpoint_for(decode_entry(self.stream, fields))
+        except PayloadError:
+            return None
+
+    async def _dead_letter(self, entry_id: Any, fields: dict[Any, Any], attempts: int, error: BaseException,
+                           endpoint: _Endpoint | None) -> None:
+        """Move the entry to `<stream>:dlq` with the error and attempt count, and acknowledge it (atomically).
+
+        Counted for the process and, when the entry's route is known, for the route (`stream:<name>`).
+        """
         entry: dict[Any, Any] = {
             "error": f"{type(error).__name__}: {error}"[:4096],
             "error_type": type(error).__name__,
@@ -704,6 +718,8 @@ class StreamConsumer:
         await pipe.execute()
         self.counters.dead_lettered += 1
         self.stats.dead_lettered += 1
+        if endpoint is not None:
+            endpoint.stats.dead_lettered += 1
 
 
 def original_fields(dlq_fields: dict[Any, Any]) -> dict[str, Any]:
@@ -740,12 +756,12 @@ class StreamsHook:
             if not consumes(runtime, routes):
                 continue
             consumer = StreamConsumer(self.redis, stream, routes, self.settings, runtime.services, runtime.stats,
-                                      runtime.executor)
+                                      runtime.executor, consumer=runtime.client_id)
             consumer.start()
             self.consumers.append(consumer)
         if self.consumers:
             log.info("consuming stream(s) %s as %r in group %r", ", ".join(c.stream for c in self.consumers),
-                     runtime.services.worker_id, self.settings.mqtt_group_name)
+                     runtime.client_id, self.settings.mqtt_group_name)
         runtime.stats.extensions["streams"] = self.snapshot
 
     def snapshot(self) -> dict[str, Any]:

@@ -71,6 +71,8 @@ def test_10000_messages_two_workers_each_handled_once_and_acked(
         assert redis_client.xlen(stream) == count
         info = {g["name"].decode(): g for g in redis_client.xinfo_groups(stream)}
         assert info[group]["pending"] == 0 and info[group]["lag"] == 0
+        consumers = {c["name"].decode() for c in redis_client.xinfo_consumers(stream, group)}
+        assert consumers == {f"{unique_id}-w0", f"{unique_id}-w1"}  # `<MQTT_CLIENT_ID>-w<i>`, unique per replica
     finally:
         publisher.close()
         assert app.stop() == 0, app.log()[-3000:]
@@ -135,13 +137,20 @@ async def test_poison_entry_lands_in_dlq_after_retries_and_others_go_on(
         assert await runtime.wait_ready(20)
         await asyncio.to_thread(publisher.publish, [(f"{unique_id}/orders/{i}", b'{"seq": %d}' % i) for i in range(50)])
         dlq = stream + ":dlq"
-        await _until(lambda: len(handled) == 49 and redis_client.xlen(dlq) == 1, "49 handled and one dead letter")
+        await _until(lambda: len(handled) == 49 and redis_client.xlen(dlq) == 1 and runtime.stats.dead_lettered == 1,
+                     "49 handled and one dead letter")
         await _until(lambda: _pending(redis_client, stream, f"g{unique_id}") == 0, "no pending entries")
         assert sorted(handled) == [i for i in range(50) if i != poison]
         assert calls[poison] == 3  # the first attempt and STREAM_MAX_RETRIES=2 retries
+        route_stats = runtime.stats.routes[f"stream:{stream}"]
+        # Per route: 49 handled, 1 dead-lettered; `failed` counts failed attempts (3 for the poison entry).
+        assert (route_stats.handled, route_stats.failed, route_stats.dead_lettered) == (49, 3, 1)
+        counters = runtime.stats.snapshot()["streams"][stream]
+        assert counters == {"handled": 49, "failed": 3, "retried": 2, "dead_lettered": 1, "reclaimed": 0}
         [(_, entry)] = redis_client.xrange(dlq)
         fields = {k.decode(): v for k, v in entry.items()}
         assert fields["error"] == b"ValueError: cannot place order 13"
+        assert fields["consumer"] == unique_id.encode()  # the consumer is named after the MQTT client id
         assert fields["attempts"] == b"3"
         assert fields["original_stream"] == stream.encode()
         original = original_fields(entry)
@@ -282,3 +291,71 @@ async def test_redis_out_of_memory_holds_messages_and_dead_letters_none(
         publisher.close()
         client.close()
         await runtime.stop()
+
+
+async def test_undecodable_entry_counts_as_dead_lettered_for_its_route(
+        redis_server: RedisServer, redis_client: redis.Redis, mosquitto: MosquittoServer, unique_id: str) -> None:
+    stream = f"external-{unique_id}"
+    got: list[Any] = []
+
+    async def on_entry(payload: Any) -> None:
+        got.append(payload)
+
+    router = Router()
+    router.stream(stream, on_entry, payload_format="json")
+    settings = load_settings({
+        "MQTT_BROKER": mosquitto.host, "MQTT_PORT": str(mosquitto.port), "MQTT_CLIENT_ID": unique_id,
+        "MQTT_GROUP_NAME": f"g{unique_id}", "ENABLE_REDIS": "true", "REDIS_URL": redis_server.url,
+    })
+    app = Application.load(settings, router)
+    runtime = app.make_runtime(app.routes)
+    redis_client.xadd(stream, {"payload": b"{not json"})
+    redis_client.xadd(stream, {"payload": b'{"ok": 1}'})
+    await runtime.start()
+    try:
+        await _until(lambda: got == [{"ok": 1}] and runtime.stats.dead_lettered == 1, "one handled, one in :dlq")
+        assert redis_client.xlen(stream + ":dlq") == 1
+        route_stats = runtime.stats.routes[f"stream:{stream}"]
+        assert (route_stats.handled, route_stats.failed, route_stats.dead_lettered) == (1, 0, 1)
+        assert runtime.stats.dead_lettered == 1
+    finally:
+        await runtime.stop()
+        redis_client.delete(stream, stream + ":dlq")
+
+
+async def test_replicas_consume_as_distinct_consumers_named_after_their_client_ids(
+        mosquitto: MosquittoServer, redis_server: RedisServer, redis_client: redis.Redis, unique_id: str) -> None:
+    """Two pods of one Deployment (same group, different MQTT client ids) are two consumers of the group."""
+    stream, group, count = f"orders-{unique_id}", f"g{unique_id}", 200
+    handled: list[tuple[str, int]] = []
+
+    router = Router()
+
+    async def placed(seq: str, context: Any) -> None:
+        handled.append((context.state["stream"].entry_id, int(seq)))
+
+    router.on(f"{unique_id}/orders/{{seq}}", placed, qos=1, shared=True, stream=stream)
+    runtimes = []
+    for pod in ("pod-a", "pod-b"):
+        settings = load_settings({
+            "MQTT_BROKER": mosquitto.host, "MQTT_PORT": str(mosquitto.port), "MQTT_CLIENT_ID": f"{unique_id}-{pod}",
+            "MQTT_GROUP_NAME": group, "ENABLE_REDIS": "true", "REDIS_URL": redis_server.url, "SHUTDOWN_TIMEOUT": "5",
+        })
+        app = Application.load(settings, router)
+        runtimes.append(app.make_runtime(app.routes))
+    publisher = Publisher(mosquitto.port)
+    try:
+        for runtime in runtimes:
+            await runtime.start()
+            assert await runtime.wait_ready(20)
+        await asyncio.to_thread(publisher.publish, _messages(f"{unique_id}/orders", count))
+        await _until(lambda: len(handled) >= count, f"{count} handled")
+        await _until(lambda: _pending(redis_client, stream, group) == 0, "no pending entries")
+        assert sorted(seq for _, seq in handled) == list(range(count))
+        consumers = {c["name"].decode() for c in redis_client.xinfo_consumers(stream, group)}
+        assert consumers == {f"{unique_id}-pod-a", f"{unique_id}-pod-b"}
+    finally:
+        publisher.close()
+        for runtime in runtimes:
+            await runtime.stop()
+        redis_client.delete(stream)
