@@ -149,23 +149,48 @@ async def serve_single_process(app: Application, *, test_mode: bool = False) -> 
         await broker.start()
         log.info("embedded broker listening on %s:%d (set MQTT_BROKER to use an external one)",
                  settings.embedded_broker_host, settings.embedded_broker_port)
+    from core.worker_manager import ParkedSessions
+
     runtime = app.make_runtime(app.routes)
-    install_stop_signals(runtime.request_stop)
-    idle_task = asyncio.create_task(stop_when_idle(runtime, settings.test_mode_idle)) if test_mode else None
+    # Every worker id is a leftover here: a run with --workers may have left QoS 1 messages in them.
+    parked = ParkedSessions(app, first=0)
+
+    def request_stop() -> None:
+        parked.stop()
+        runtime.request_stop()
+
+    install_stop_signals(request_stop)
+    parked_task = asyncio.create_task(parked.run())
+    idle_task = asyncio.create_task(_stop_when_idle_after(parked_task, runtime, settings.test_mode_idle)) \
+        if test_mode else None
     ops = None
+    clean = parked_clean = False
     try:
         from core.http import start_for_runtime  # /health, /ready, /metrics, / when HTTP_PORT is set
 
         ops = await start_for_runtime(settings, runtime, app.routes)
         clean = await runtime.run()
     finally:
+        parked.stop()
+        try:
+            parked_clean = await parked_task
+        except Exception:
+            log.exception("draining the sessions of former worker processes failed")
         if idle_task is not None:
             idle_task.cancel()
         if ops is not None:
             await ops.stop()
         if broker is not None:
             await broker.stop()
-    return 0 if clean else 1
+    if not parked_clean:
+        log.error("exit 1: handlers of messages parked in former worker sessions did not drain cleanly")
+    return 0 if clean and parked_clean else 1
+
+
+async def _stop_when_idle_after(parked: "asyncio.Task[bool]", runtime: Runtime, idle_seconds: float) -> None:
+    """`--test-mode` in one process: what waited in former worker sessions counts as available work."""
+    await asyncio.wait({parked})
+    await stop_when_idle(runtime, idle_seconds)
 
 
 STUCK_THREAD_GRACE = 1.0  # seconds for idle pool threads to notice the executor's shutdown

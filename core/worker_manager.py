@@ -195,7 +195,7 @@ class WorkerManager:
         self._main_task: asyncio.Task[bool] | None = None
         self._parked_task: asyncio.Task[bool] | None = None
         self._idle_task: asyncio.Task[None] | None = None
-        self._parked: dict[str, dict[str, Any]] = {}
+        self._parked = ParkedSessions(app, plan.count)
         self._main_clean = True
         self._parked_clean = True
         self._all_ready_logged = False
@@ -247,7 +247,7 @@ class WorkerManager:
                 "connected": main.client.state.connected,
                 "stats": {**main.stats.snapshot(), "inflight": main.dispatcher.inflight},
             },
-            "parked": {client_id: dict(info) for client_id, info in self._parked.items()},
+            "parked": {client_id: dict(info) for client_id, info in self._parked.info.items()},
             "fatal": self._fatal,
         }
 
@@ -259,6 +259,7 @@ class WorkerManager:
             return
         self._stopping = True
         self._stop_reason = reason
+        self._parked.stop()
         if self._wake is not None:
             self._wake.set()
 
@@ -280,8 +281,8 @@ class WorkerManager:
             for slot in self.slots:
                 self._start_slot(slot)
             self._start_main_runtime()
-            if self.plan.count:
-                self._parked_task = asyncio.create_task(self._drain_parked_sessions())
+            # Also with 0 workers: a run that had workers may have left messages in their sessions.
+            self._parked_task = asyncio.create_task(self._parked.run())
             for service in self.services:
                 await service.start(self)
             await self._supervise()
@@ -560,88 +561,11 @@ class WorkerManager:
             log.info("stats main pid=%d handled=%d failed=%d dead_lettered=%d inflight=%d", os.getpid(), s.handled,
                      s.failed, s.dead_lettered, main.dispatcher.inflight)
 
-    # -- sessions a larger run left behind ----------------------------------------------------
-
-    async def _drain_parked_sessions(self) -> bool:
-        """Connect as `-w<count>`, `-w<count+1>`... and handle and end any session still there."""
-        clean = True
-        index, misses = self.plan.count, 0
-        while misses < PARKED_PROBE_MISSES and not self._stopping:
-            client_id = client_id_for(self.settings.mqtt_client_id, index)
-            try:
-                found, ok = await self._drain_parked(client_id, index)
-            except Exception:
-                log.exception("could not check for a session of %s", client_id)
-                return False
-            if found is None:
-                return clean
-            clean = clean and ok
-            misses = 0 if found else misses + 1
-            index += 1
-        return clean
-
-    async def _drain_parked(self, client_id: str, index: int) -> tuple[bool | None, bool]:
-        """(session found, drained cleanly); found is None if we could not connect."""
-        settings = self.settings
-        shared = self.app.shared_routes()
-        group = settings.mqtt_group_name
-        runtime = self.app.make_runtime(shared, client_id=client_id, worker_id=f"w{index}-parked")
-        runtime.client.subscriptions = []  # join no group; a resumed session brings its own subscriptions
-        runtime.subscriptions = []
-        await runtime.start()
-        if not await self._wait_ready_or_stop(runtime, timeout=10):
-            if not self._stopping:
-                log.warning("could not connect as %s to look for messages parked by a run with more workers; "
-                            "they stay in its session until the next start", client_id)
-            await runtime.stop()
-            return None, True
-        present = runtime.client.state.session_present
-        info = {"session_present": present, "handled": 0, "state": "draining" if present else "none"}
-        self._parked[client_id] = info
-        if present:
-            log.info("found the session of %s, left by a run with more workers: handling its parked messages "
-                     "and ending it", client_id)
-            # Leave the groups first, so the broker deals nothing new to this session, then take
-            # what is queued in it.
-            await runtime.client.unsubscribe([route.subscription_topic(group) for route in shared])
-            await self._wait_idle(runtime)
-            if self._stopping:
-                info["state"] = "interrupted"
-                await runtime.stop()  # keep the session: the next start handles the rest
-                return True, runtime.drained_cleanly
-        clean = await runtime.stop(session_expiry=0)
-        if not settings.mqtt_v5:
-            await _end_session_311(settings, client_id)
-        info["handled"] = runtime.stats.received
-        if present:
-            info["state"] = "ended"
-            log.info("ended the session of %s after handling %d parked message(s)", client_id, runtime.stats.received)
-        else:
-            self._parked.pop(client_id, None)
-        return present, clean
-
-    async def _wait_ready_or_stop(self, runtime: "Runtime", timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self._stopping and time.monotonic() < deadline:
-            if await runtime.wait_ready(timeout=0.2):
-                return True
-        return False
-
-    async def _wait_idle(self, runtime: "Runtime") -> None:
-        last_count, last_change = -1, time.monotonic()
-        while not self._stopping:
-            count = runtime.stats.received
-            if count != last_count or runtime.dispatcher.inflight:
-                last_count, last_change = count, time.monotonic()
-                self._parked.get(runtime.client_id, {})["handled"] = count
-            elif time.monotonic() - last_change >= PARKED_IDLE:
-                return
-            await asyncio.sleep(0.1)
-
     # -- shutdown -----------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
         self._stopping = True
+        self._parked.stop()
         if self._stop_reason:
             log.info("stopping (%s)", self._stop_reason)
         for slot in self.slots:
@@ -721,6 +645,111 @@ class WorkerManager:
             return 1
         log.info("all workers stopped cleanly")
         return 0
+
+
+# -- sessions a larger run left behind ------------------------------------------------------------
+
+
+class ParkedSessions:
+    """Handle and end the worker sessions (`<MQTT_CLIENT_ID>-w<i>`, i >= `first`) a larger run left.
+
+    Mosquitto keeps dealing a share of a `$share` group's messages to offline persistent sessions, so
+    after a run with more workers (or with workers at all, before `python main.py` alone) messages
+    wait in sessions nobody resumes. Used by the supervisor (ids above its worker count) and by the
+    single-process mode (every worker id).
+    """
+
+    def __init__(self, app: "Application", first: int) -> None:
+        self.app = app
+        self.settings = app.settings
+        self.first = first
+        self.info: dict[str, dict[str, Any]] = {}  # client id -> session_present, handled, state
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Stop probing; a drain in progress keeps its session for the next start."""
+        self._stopping = True
+
+    async def run(self) -> bool:
+        """Connect as `-w<first>`, `-w<first+1>`... until PARKED_PROBE_MISSES ids in a row have no
+        session; True if everything handled drained cleanly."""
+        clean = True
+        index, misses = self.first, 0
+        while misses < PARKED_PROBE_MISSES and not self._stopping:
+            client_id = client_id_for(self.settings.mqtt_client_id, index)
+            try:
+                found, ok = await self._drain(client_id, index)
+            except Exception:
+                log.exception("could not check for a session of %s", client_id)
+                return False
+            if found is None:
+                return clean
+            clean = clean and ok
+            misses = 0 if found else misses + 1
+            index += 1
+        return clean
+
+    def _routes(self) -> list["Route"]:
+        # With no shared route left (they became plain), handle what is parked with the routes there are.
+        return self.app.shared_routes() or self.app.routes
+
+    async def _drain(self, client_id: str, index: int) -> tuple[bool | None, bool]:
+        """(session found, drained cleanly); found is None if we could not connect."""
+        settings = self.settings
+        routes = self._routes()
+        group = settings.mqtt_group_name
+        runtime = self.app.make_runtime(routes, client_id=client_id, worker_id=f"w{index}-parked")
+        runtime.client.subscriptions = []  # join no group; a resumed session brings its own subscriptions
+        runtime.subscriptions = []
+        await runtime.start()
+        if not await self._wait_ready_or_stop(runtime, timeout=10):
+            if not self._stopping:
+                log.warning("could not connect as %s to look for messages parked by a run with more workers; "
+                            "they stay in its session until the next start", client_id)
+            await runtime.stop()
+            return None, True
+        present = runtime.client.state.session_present
+        info = {"session_present": present, "handled": 0, "state": "draining" if present else "none"}
+        self.info[client_id] = info
+        if present:
+            log.info("found the session of %s, left by a run with more workers: handling its parked messages "
+                     "and ending it", client_id)
+            # Leave the groups first, so the broker deals nothing new to this session, then take
+            # what is queued in it.
+            await runtime.client.unsubscribe([f"$share/{group}/{route.compiled.filter}" for route in routes])
+            await self._wait_idle(runtime)
+            if self._stopping:
+                info["state"] = "interrupted"
+                await runtime.stop()  # keep the session: the next start handles the rest
+                return True, runtime.drained_cleanly
+        clean = await runtime.stop(session_expiry=0)
+        if not settings.mqtt_v5:
+            await _end_session_311(settings, client_id)
+        info["handled"] = runtime.stats.received
+        if present:
+            info["state"] = "ended"
+            log.info("ended the session of %s after handling %d parked message(s)", client_id, runtime.stats.received)
+        else:
+            self.info.pop(client_id, None)
+        return present, clean
+
+    async def _wait_ready_or_stop(self, runtime: "Runtime", timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._stopping and time.monotonic() < deadline:
+            if await runtime.wait_ready(timeout=0.2):
+                return True
+        return False
+
+    async def _wait_idle(self, runtime: "Runtime") -> None:
+        last_count, last_change = -1, time.monotonic()
+        while not self._stopping:
+            count = runtime.stats.received
+            if count != last_count or runtime.dispatcher.inflight:
+                last_count, last_change = count, time.monotonic()
+                self.info.get(runtime.client_id, {})["handled"] = count
+            elif time.monotonic() - last_change >= PARKED_IDLE:
+                return
+            await asyncio.sleep(0.1)
 
 
 def _send(conn: Connection, message: dict[str, Any]) -> bool:

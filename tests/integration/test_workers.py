@@ -554,3 +554,35 @@ def test_hung_handler_is_caught_by_its_age_and_the_worker_replaced(
     assert "no heartbeat" not in app.log()  # the heartbeats never stopped
     app.signal(signal.SIGTERM)
     assert app.wait() == 0
+
+
+def test_single_process_after_workers_handles_what_was_parked_in_their_sessions(
+    broker: MosquittoServer, harness: Any, tmp_path: Path
+) -> None:
+    """Back from --workers to one process: the workers' sessions stay in the group while offline and
+    collect their share; the single process drains and ends them as the supervisor does for ids
+    above its count."""
+    records = Records(tmp_path / "records.txt")
+    env = app_env(tmp_path, broker.port, TEST_MODE_IDLE="2")
+    first = harness(env, "--workers", "2")
+    first.wait_ready(2)
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+    publisher = Publisher(broker.port)
+    expected = range(600)
+    publisher.publish(expected)  # dealt over w0's and w1's offline sessions
+    publisher.close()
+
+    second = harness(env, "--test-mode")  # no --workers: one process
+    assert second.wait(timeout=60) == 0
+    log = second.log()
+    assert "supervisor" not in log.split("\n", 1)[0]
+    for worker in ("w0", "w1"):
+        match = re.search(rf"ended the session of {CLIENT_ID}-{worker} after handling (\d+) parked message", log)
+        assert match and int(match.group(1)) > 0, log[-3000:]
+    seqs = records.seqs()
+    lost, duplicates = report("2 workers -> single process", seqs, expected)
+    assert lost == 0 and duplicates == 0
+    assert {worker for worker, _, _ in records.lines()} == {"w0-parked", "w1-parked"}
+    assert not session_present(broker.port, f"{CLIENT_ID}-w0")
+    assert not session_present(broker.port, f"{CLIENT_ID}-w1")
