@@ -586,3 +586,65 @@ def test_single_process_after_workers_handles_what_was_parked_in_their_sessions(
     assert {worker for worker, _, _ in records.lines()} == {"w0-parked", "w1-parked"}
     assert not session_present(broker.port, f"{CLIENT_ID}-w0")
     assert not session_present(broker.port, f"{CLIENT_ID}-w1")
+
+
+# -- supervisor signals and stop ------------------------------------------------------------------
+
+
+def test_second_sigterm_during_shutdown_is_ignored(broker: MosquittoServer, harness: Any, tmp_path: Path) -> None:
+    records = Records(tmp_path / "records.txt")
+    release = tmp_path / "release"
+    env = app_env(tmp_path, broker.port, SEQAPP_HANG_SEQ="2", SEQAPP_MARKER=str(tmp_path / "hanging"),
+                  SEQAPP_RELEASE=str(release))
+    app = harness(env, "--workers", "1")
+    app.wait_ready(1)
+    publisher = Publisher(broker.port)
+    publisher.publish(range(5))
+    publisher.close()
+    wait_for(lambda: (tmp_path / "hanging").exists(), "message 2's handler to hang")
+    app.signal(signal.SIGTERM)
+    app.wait_log(r"SIGTERM received; stopping the workers gracefully")
+    app.signal(signal.SIGTERM)
+    app.wait_log(r"SIGTERM received again; already stopping")
+    release.touch()  # the worker, still draining, finishes the handler
+    assert app.wait() == 0
+    assert "all workers stopped cleanly" in app.log()
+    assert records.seqs() == Counter(range(5))
+    assert len(app.worker_pids("w0")) == 1
+
+
+def test_sighup_stops_the_supervisor_like_sigterm(broker: MosquittoServer, harness: Any, tmp_path: Path) -> None:
+    records = Records(tmp_path / "records.txt")
+    app = harness(app_env(tmp_path, broker.port), "--workers", "1")
+    app.wait_ready(1)
+    publisher = Publisher(broker.port)
+    publisher.publish(range(10))
+    publisher.close()
+    records.wait_handled(range(10))
+    app.signal(signal.SIGHUP)
+    assert app.wait() == 0
+    log = app.log()
+    assert "SIGHUP received; stopping the workers gracefully" in log
+    assert re.search(r"worker w0 \(pid \d+\) stopped: exit code 0", log)
+    assert "all workers stopped cleanly" in log
+
+
+def test_a_worker_that_does_not_drain_in_time_is_killed_and_the_exit_code_is_1(
+    broker: MosquittoServer, harness: Any, tmp_path: Path
+) -> None:
+    """A handler blocking the worker's event loop keeps it from even seeing the SIGTERM."""
+    env = app_env(tmp_path, broker.port, SHUTDOWN_TIMEOUT="1", SEQAPP_BLOCK_SEQ="2",
+                  SEQAPP_MARKER=str(tmp_path / "blocking"))
+    app = harness(env, "--workers", "1")
+    app.wait_ready(1)
+    publisher = Publisher(broker.port)
+    publisher.publish(range(5))
+    publisher.close()
+    wait_for(lambda: (tmp_path / "blocking").exists(), "message 2's handler to block the loop")
+    app.signal(signal.SIGTERM)
+    assert app.wait() == 1
+    log = app.log()
+    (pid,) = app.worker_pids("w0")
+    assert f"worker w0 (pid {pid}) did not stop within 6 s; killing it" in log
+    assert f"worker w0 (pid {pid}) stopped: killed by SIGKILL" in log
+    assert "exit 1: worker(s) w0 did not stop cleanly" in log
