@@ -296,8 +296,11 @@ class MqttClient:
             if self._commands:
                 self.run_commands()
             # Backpressure: while the application has no room, leave what the broker sends in the
-            # socket (TCP flow control holds the broker back) but keep writing acks and pings.
-            reading = may_read()
+            # socket (TCP flow control holds the broker back) but keep writing acks and pings, and
+            # read while a PINGREQ waits for its answer: paho drops a connection whose PINGRESP
+            # does not arrive within the keepalive (a well-behaved broker sends no more messages
+            # beyond Receive Maximum meanwhile).
+            reading = may_read() or p._ping_t != 0
             timeout = 0.0 if reading and getattr(sock, "pending", None) and sock.pending() else 1.0  # type: ignore[union-attr]
             try:
                 readable, writable, _ = select.select([sock, wake_r] if reading else [wake_r],
@@ -339,7 +342,7 @@ class MqttClient:
                 return paho.MQTT_ERR_SUCCESS
             if rc > 0:
                 return p._loop_rc_handle(rc)
-            if not may_read():
+            if not may_read() and p._ping_t == 0:
                 break
         return paho.MQTT_ERR_SUCCESS
 

@@ -336,3 +336,30 @@ async def test_a_handler_blocking_the_event_loop_does_not_starve_keepalive(
     await probe.publish(f"{u}/hog", "x")
     await wait_until(lambda: done == ["x"], "the blocking handler", timeout=30)
     assert runtime.client.state.connects == 1 and runtime.client.state.disconnects == 0
+
+
+@pytest.mark.slow
+async def test_keepalive_is_answered_while_backpressure_pauses_reading(
+        mosquitto: Any, serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
+    """At MAX_INFLIGHT the client stops reading the socket, but not the broker's PINGRESP: handlers
+    that take longer than 2 × keepalive must not get the connection recycled (and their messages
+    delivered twice)."""
+    u = unique_id
+    target = BrokerTarget("mosquitto", mosquitto.host, mosquitto.port, v5=True)
+    done: list[str] = []
+
+    async def slow(payload: Any) -> None:
+        if payload == "a":
+            await asyncio.sleep(11)  # > 2 × MQTT_KEEPALIVE (5 s), with reading paused all along
+        done.append(payload)
+
+    router = Router()
+    router.on(f"{u}/slow", slow, qos=1)
+    runtime = await serve(target, router, MQTT_KEEPALIVE="5", MAX_INFLIGHT="1")
+    probe = await probe_factory(target)
+    await probe.publish(f"{u}/slow", "a")
+    await probe.publish(f"{u}/slow", "b")
+    await wait_until(lambda: len(done) == 2, "both slow handlers", timeout=45)
+    await asyncio.sleep(0.5)
+    assert done == ["a", "b"]
+    assert runtime.client.state.connects == 1 and runtime.client.state.disconnects == 0
