@@ -15,26 +15,33 @@ Counters stay monotonic across worker restarts: when a worker slot's pid changes
 snapshot seen from the old process is folded into the slot's retired totals. What a crashed process
 counted after its last heartbeat (at most about a second) is lost from the per-route numbers.
 
-Backlog gauges (outbox rows, stream lengths): a process reports them with
-`runtime.stats.extensions["backlog"] = lambda: {"outbox": 12, "stream:orders": 3}` — cached values
-its own task refreshes, since snapshots are taken every heartbeat. Backlogs are global quantities
-measured from possibly several processes, so `mqtt_app_backlog{source}` is the largest report.
+Backlog gauges (outbox rows, stream entries): hooks register a measuring coroutine with
+`start_backlog(stats, owner, measure)`; a task of theirs runs it every `BACKLOG_INTERVAL` and keeps
+the result in the process's `Backlog` (`stats.extensions["backlog"]`), since snapshots are taken
+every heartbeat and must stay cheap. Backlogs are global quantities measured from possibly several
+processes, so `mqtt_app_backlog{source}` is the largest report. The outbox and stream counters
+(`stats.extensions["outbox"]`, `["streams"]`) are summed over processes like the message counters.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import logging
 import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, Protocol, Sequence
 
 from core.config import Settings
+from core.stats import ProcessStats
 
 if TYPE_CHECKING:
     from core.runtime import Runtime
     from core.worker_manager import WorkerManager
+
+log = logging.getLogger("core.metrics")
 
 # Handler latency buckets in seconds (MQTT handlers are often sub-millisecond).
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -44,6 +51,24 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 RATE_WINDOW = 10.0  # seconds of samples behind the rates shown on the status page
 _COUNTER_KEYS = ("received", "handled", "failed", "dead_lettered", "unrouted", "responses", "dropped_on_shutdown")
 _ROUTE_KEYS = ("handled", "failed", "dead_lettered", "seconds")
+BACKLOG_INTERVAL = 5.0  # seconds between two measurements of a backlog (a query each, never per message)
+# Counters of the Redis Streams consumers (per stream) and of the outbox processor, as exported.
+STREAM_COUNTERS = {
+    "handled": "Stream entries whose handler succeeded",
+    "failed": "Failed attempts at stream entries (a handler raised or timed out; every retry counts)",
+    "retried": "Stream entries re-claimed for a retry",
+    "dead_lettered": "Stream entries moved to <stream>:dlq",
+    "reclaimed": "Stream entries taken over from another consumer (XAUTOCLAIM)",
+}
+OUTBOX_COUNTERS = {
+    "claimed": "Outbox rows claimed (a takeover counts again)",
+    "published": "Outbox rows published and marked PUBLISHED",
+    "failed": "Failed outbox publish attempts (retried later)",
+    "abandoned": "Outbox rows ABANDONED after OUTBOX_MAX_ATTEMPTS",
+    "taken_over": "Outbox rows claimed after another process's lock expired",
+    "held": "Outbox stream rows handed back without an attempt while Redis could not take them",
+    "cleaned": "PUBLISHED outbox rows deleted after OUTBOX_RETENTION",
+}
 
 
 # -- in every process -------------------------------------------------------------------------------
@@ -105,6 +130,65 @@ class MetricsHook:
 
     async def stop(self, runtime: "Runtime") -> None:
         return None
+
+
+class Backlog:
+    """`stats.extensions["backlog"]`: the latest backlog values of every owner (hook) of one process."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, dict[str, float]] = {}
+
+    def set(self, owner: str, values: dict[str, float]) -> None:
+        self._values[owner] = dict(values)
+
+    def clear(self, owner: str) -> None:
+        self._values.pop(owner, None)
+
+    def __call__(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for values in self._values.values():
+            out.update(values)
+        return out
+
+
+def backlog_of(stats: ProcessStats) -> Backlog:
+    """The process's `Backlog`, installed as `stats.extensions["backlog"]` on first use."""
+    current = stats.extensions.get("backlog")
+    if isinstance(current, Backlog):
+        return current
+    backlog = Backlog()
+    stats.extensions["backlog"] = backlog
+    return backlog
+
+
+def start_backlog(stats: ProcessStats, owner: str, measure: Callable[[], Awaitable[dict[str, float]]],
+                  interval: float = BACKLOG_INTERVAL) -> "asyncio.Task[None]":
+    """Run `measure()` now and every `interval` seconds; its result is this owner's part of the backlog.
+
+    A failed measurement (database or Redis away) removes the owner's values rather than showing
+    stale ones. Cancel the task to stop; the owner's values are removed then.
+    """
+    backlog = backlog_of(stats)
+
+    async def run() -> None:
+        failing = False
+        try:
+            while True:
+                try:
+                    backlog.set(owner, await measure())
+                    failing = False
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - measured again at the next interval
+                    backlog.clear(owner)
+                    if not failing:
+                        log.warning("backlog of %s cannot be measured now (%s: %s)", owner, type(exc).__name__, exc)
+                    failing = True
+                await asyncio.sleep(interval)
+        finally:
+            backlog.clear(owner)
+
+    return asyncio.get_running_loop().create_task(run(), name=f"backlog[{owner}]")
 
 
 def metrics_hooks(settings: Settings, worker_id: str) -> list[MetricsHook]:
@@ -254,6 +338,10 @@ def _countable(stats: dict[str, Any]) -> dict[str, Any]:
     if isinstance(latency, dict):
         out["latency"] = {"routes": latency.get("routes", {})}
     out["rate_limited"] = stats.get("rate_limited", {})
+    for name in ("streams", "outbox"):  # stream consumers' and outbox processor's counters
+        value = stats.get(name)
+        if isinstance(value, dict):
+            out[name] = value
     mqtt = stats.get("mqtt")
     if isinstance(mqtt, dict):
         out["reconnects"] = max(0, int(mqtt.get("connects", 0)) - 1)
@@ -456,6 +544,17 @@ def build_metric_families(view: SystemView, prefix: str = "mqtt_app") -> list[An
                 running += count
                 buckets.append((bound, running))
             latency.add_metric([route.pattern], buckets, total)
+
+    streams = view.totals.get("streams")
+    if streams:
+        for key, doc in STREAM_COUNTERS.items():
+            family = counter(f"stream_{key}", doc, ["stream"])
+            for stream, counts in sorted(streams.items()):
+                family.add_metric([stream], counts.get(key, 0))
+    outbox = view.totals.get("outbox")
+    if outbox:
+        for key, doc in OUTBOX_COUNTERS.items():
+            counter(f"outbox_{key}", doc, []).add_metric([], outbox.get(key, 0))
 
     backlog = gauge("backlog", "Work waiting (outbox rows, stream entries), largest report", ["source"])
     for name, value in sorted(view.backlog.items()):

@@ -29,13 +29,14 @@ import random
 import socket
 import time
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from itertools import count
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Generator
 
 from sqlalchemy import (
     BigInteger, Column, DateTime, Index, Integer, LargeBinary, MetaData, String, Table, Text, and_, bindparam, delete,
-    insert, or_, select, text, update,
+    func, insert, or_, select, text, update,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import SQLAlchemyError
@@ -569,10 +570,21 @@ class OutboxProcessor:
 
     async def backlog(self) -> int:
         """Rows not yet published (pending, processing or failed)."""
-        t = self.table
-        async with self.db.engine.connect() as conn:
-            result = await conn.execute(select(t.c.id).where(t.c.status.in_((PENDING, PROCESSING, FAILED))).limit(100_000))
-            return len(result.all())
+        return int((await outbox_backlog(self.db, self.table))["outbox"])
+
+
+async def outbox_backlog(database: Database, table: Table) -> dict[str, float]:
+    """`outbox`: rows not yet published (PENDING, PROCESSING, FAILED); `outbox:abandoned`: ABANDONED rows.
+
+    One indexed COUNT per status (the `(status, next_attempt_at)` index), run periodically, not per message.
+    """
+    t = table
+    async with database.engine.connect() as conn:
+        result = await conn.execute(select(t.c.status, func.count()).where(t.c.status != PUBLISHED)
+                                    .group_by(t.c.status))
+        counts = {status: int(n) for status, n in result}
+    return {"outbox": float(sum(counts.get(s, 0) for s in (PENDING, PROCESSING, FAILED))),
+            "outbox:abandoned": float(counts.get(ABANDONED, 0))}
 
 
 # -- the hook ------------------------------------------------------------------------------------
@@ -587,6 +599,7 @@ class DatabaseHook:
         self.database: Database | None = None
         self.processor: OutboxProcessor | None = None
         self.table = outbox_table(settings.outbox_table)
+        self._backlog_task: asyncio.Task[None] | None = None
 
     async def start(self, runtime: "Runtime") -> None:
         settings = self.settings
@@ -617,10 +630,17 @@ class DatabaseHook:
             return UnitOfWork(database, table, on_commit, redis_enabled)
 
         services.transaction_factory = transaction
+        if settings.http_port is not None:  # only the ops server shows backlogs
+            from core.metrics import start_backlog
+
+            self._backlog_task = start_backlog(runtime.stats, "outbox", partial(outbox_backlog, database, table))
         log.info("database %s ready (%s)%s", safe_url(settings.database_url), database.backend,
                  "; outbox processor running" if self.processor is not None else "")
 
     async def stop(self, runtime: "Runtime") -> None:
+        if self._backlog_task is not None:
+            self._backlog_task.cancel()
+            await asyncio.gather(self._backlog_task, return_exceptions=True)
         if self.processor is not None:
             await self.processor.stop(self.settings.shutdown_timeout)
         if self.database is not None:

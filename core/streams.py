@@ -740,6 +740,7 @@ class StreamsHook:
         self.redis: "Redis | None" = None
         self.writer: StreamWriter | None = None
         self.consumers: list[StreamConsumer] = []
+        self._backlog_task: asyncio.Task[None] | None = None
 
     async def start(self, runtime: "Runtime") -> None:
         self.redis = make_redis(self.settings)
@@ -763,11 +764,42 @@ class StreamsHook:
             log.info("consuming stream(s) %s as %r in group %r", ", ".join(c.stream for c in self.consumers),
                      runtime.client_id, self.settings.mqtt_group_name)
         runtime.stats.extensions["streams"] = self.snapshot
+        if self.consumers and self.settings.http_port is not None:  # only the ops server shows backlogs
+            from core.metrics import start_backlog
+
+            self._backlog_task = start_backlog(runtime.stats, "streams", self.backlog)
 
     def snapshot(self) -> dict[str, Any]:
         return {c.stream: vars(c.counters).copy() for c in self.consumers}
 
+    async def backlog(self) -> dict[str, float]:
+        """Per consumed stream: `stream:<name>` (entries not yet acknowledged by the group: lag + pending),
+        `stream:<name>:pending` (delivered, not acknowledged) and `stream:<name>:dlq` (length of `<name>:dlq`)."""
+        assert self.redis is not None
+        pipe = self.redis.pipeline(transaction=False)
+        for consumer in self.consumers:
+            pipe.xinfo_groups(consumer.stream)
+            pipe.xlen(consumer.dlq)
+        replies = await pipe.execute(raise_on_error=False)
+        out: dict[str, float] = {}
+        for index, consumer in enumerate(self.consumers):
+            groups, dlq = replies[2 * index], replies[2 * index + 1]
+            if isinstance(groups, Exception) or isinstance(dlq, Exception):
+                continue  # e.g. the stream does not exist (yet)
+            for group in groups:
+                if _text(group.get("name", b"")) != consumer.group:
+                    continue
+                pending = int(group.get("pending") or 0)
+                lag = group.get("lag")  # None when Redis cannot tell (entries deleted in the middle); pre-7.0: absent
+                out[f"stream:{consumer.stream}"] = pending + (int(lag) if lag is not None else 0)
+                out[f"stream:{consumer.stream}:pending"] = pending
+                out[f"stream:{consumer.stream}:dlq"] = int(dlq)
+        return out
+
     async def stop(self, runtime: "Runtime") -> None:
+        if self._backlog_task is not None:
+            self._backlog_task.cancel()
+            await asyncio.gather(self._backlog_task, return_exceptions=True)
         await asyncio.gather(*(consumer.stop() for consumer in self.consumers), return_exceptions=True)
         if self.writer is not None:
             await self.writer.stop()

@@ -7,6 +7,7 @@ STREAMS_APP_RECORD   file that gets `<worker_id> <pid> <seq> <attempt>` per hand
 STREAMS_APP_POISON   this seq always raises
 STREAMS_APP_KILL_SEQ this seq SIGKILLs its process while handling it, once (STREAMS_APP_MARKER remembers)
 STREAMS_APP_DELAY    seconds each handler awaits first
+STREAMS_APP_HANG     comma-separated seqs whose handler never returns (entries stay pending)
 STREAMS_APP_EXTERNAL also consume this stream (written by others) with the same recorder
 STREAMS_APP_INLINE   "1": the same route without stream= (the handler runs inline; for benchmarks)
 """
@@ -25,6 +26,7 @@ _POISON = os.environ.get("STREAMS_APP_POISON", "")
 _KILL = os.environ.get("STREAMS_APP_KILL_SEQ", "")
 _MARKER = os.environ.get("STREAMS_APP_MARKER", "")
 _DELAY = float(os.environ.get("STREAMS_APP_DELAY", "0") or 0)
+_HANG = {seq.strip() for seq in os.environ.get("STREAMS_APP_HANG", "").split(",") if seq.strip()}
 _fd: int | None = None
 
 
@@ -42,6 +44,8 @@ async def handle(seq: str, payload: str, context: MessageContext) -> None:
         await asyncio.sleep(_DELAY)
     if seq == _POISON:
         raise ValueError(f"poison entry {seq}")
+    if seq in _HANG:
+        await asyncio.Event().wait()
     if seq == _KILL and _MARKER and not os.path.exists(_MARKER):
         open(_MARKER, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
