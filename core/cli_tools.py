@@ -4,26 +4,73 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from typing import Sequence
 
 from core.config import Settings
-from core.router import Route
+from core.router import Route, RouteError, merge_routers
 
 
 def format_route_table(routes: Sequence[Route], settings: Settings) -> str:
-    """A plain-text table: pattern, MQTT filter (as subscribed), qos, shared, workers, middleware, handler."""
-    header = ("PATTERN", "SUBSCRIBES TO", "QOS", "SHARED", "WORKERS", "MIDDLEWARE", "HANDLER")
+    """A plain-text table: pattern, MQTT filter (as subscribed), qos, shared, workers, [stream,] middleware, handler.
+
+    The STREAM column appears when a route uses a Redis stream. A stream consumer (`Router.stream`)
+    subscribes to nothing on MQTT: its SUBSCRIBES TO and QOS are `-`.
+    """
+    group = settings.mqtt_group_name
+    streams = any(r.stream is not None for r in routes)
+    header = ("PATTERN", "SUBSCRIBES TO", "QOS", "SHARED", "WORKERS", *(("STREAM",) if streams else ()),
+              "MIDDLEWARE", "HANDLER")
     rows = [header]
     for r in routes:
         rows.append((
-            r.pattern, r.subscription_topic(settings.mqtt_group_name), str(r.qos), "yes" if r.shared else "no",
-            str(r.worker_count) if r.shared else "-", ", ".join(type(m).__name__ for m in r.middleware) or "-",
+            r.pattern, r.subscription_topic(group) if r.subscribe else "-", str(r.qos) if r.subscribe else "-",
+            "yes" if r.shared else "no", str(r.worker_count) if r.shared else "-",
+            *((r.stream or "-",) if streams else ()),
+            ", ".join(type(m).__name__ for m in r.middleware) or "-",
             r.handler.name + ("" if r.handler.is_async else " (sync)"),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
-    lines.append(f"\n{len(routes)} route(s)")
+    if streams:
+        consumers = sum(1 for r in routes if r.stream is not None and not r.subscribe)
+        lines.append("")
+        lines.append(f"STREAM: the route's handler runs in consumer group {group!r} of that Redis stream; a route "
+                     "with an MQTT filter appends its messages there first")
+        if consumers:
+            lines.append("SUBSCRIBES TO '-': consumes a stream written by others (Router.stream); subscribes to "
+                         "nothing on MQTT")
+        if not settings.enable_redis:
+            lines.append("note: ENABLE_REDIS=false; the stream routes need ENABLE_REDIS=true (and REDIS_URL) to run")
+        count = sum(1 for r in routes if r.stream is not None)
+        lines.append(f"\n{len(routes)} route(s), {count} on Redis streams")
+    else:
+        lines.append(f"\n{len(routes)} route(s)")
     return "\n".join(lines)
+
+
+def load_routes(settings: Settings) -> list[Route]:
+    """The app's routes for listing: every check of a start except that the features they use are enabled."""
+    from bootstrap.app import discover_routers
+    from core.streams import check_stream_routes
+
+    router = merge_routers(discover_routers(settings.routers_package))
+    # Listing is not serving: check stream routes as if Redis were on (names, shared= agreement), not that it is.
+    check_stream_routes(router.routes, settings.with_overrides(enable_redis=True))
+    return list(router.routes)
+
+
+def routes_command(settings: Settings) -> int:
+    """`python main.py routes`: print the route table; exit code 0, or 2 on a route or discovery error."""
+    from bootstrap.app import DiscoveryError
+
+    try:
+        routes = load_routes(settings)
+    except (RouteError, DiscoveryError) as exc:
+        print(f"route error: {exc}", file=sys.stderr)
+        return 2
+    print(format_route_table(routes, settings))
+    return 0
 
 
 def publish_once(settings: Settings, topic: str, payload: str, qos: int, retain: bool) -> int:
