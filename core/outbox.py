@@ -482,16 +482,16 @@ class OutboxProcessor:
         if held is None:
             self._redis_failures = 0
             return
-        count = sum(1 for outcome in outcomes if isinstance(outcome, _Held))
+        n_held = sum(1 for outcome in outcomes if isinstance(outcome, _Held))
         if is_unreachable(held):
             if not self._redis_down:
                 log.warning("outbox: Redis unreachable (%s: %s): holding %d stream row(s) until it is back; "
-                            "attempts are not counted", type(held).__name__, held, count)
+                            "attempts are not counted", type(held).__name__, held, n_held)
             self._redis_down = True
             self._next_probe = time.monotonic() + backoff_delay(0, REDIS_PROBE_MIN, REDIS_PROBE_MAX, random.random)
         elif self._redis_failures == 0:
             log.warning("outbox: Redis cannot take stream rows now (%s: %s): holding %d row(s), retrying with "
-                        "backoff; attempts are not counted", type(held).__name__, held, count)
+                        "backoff; attempts are not counted", type(held).__name__, held, n_held)
         self._redis_failures += 1
 
     async def _record(self, rows: list[Any], outcomes: list[BaseException | None], token: str) -> None:

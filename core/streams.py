@@ -31,7 +31,7 @@ from collections import defaultdict
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Iterable, Sequence
 
 from core.backoff import backoff_delay
 from core.config import Settings
