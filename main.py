@@ -76,6 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = embedded_broker_for_publish(settings)
         return publish_once(settings, args.args[0], args.args[1], args.qos, args.retain)
 
+    if args.command == "routes":
+        from core.cli_tools import routes_command
+
+        return routes_command(settings)  # listing is not serving: stream routes need no ENABLE_REDIS here
+
     from bootstrap.app import Application, DiscoveryError, serve_single_process
     from core.router import RouteError
 
@@ -84,12 +89,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RouteError, DiscoveryError) as exc:
         print(f"route error: {exc}", file=sys.stderr)
         return 2
-
-    if args.command == "routes":
-        from core.cli_tools import format_route_table
-
-        print(format_route_table(app.routes, settings))
-        return 0
 
     from bootstrap.app import choose_embedded_broker_port
     from core.embedded_broker import EmbeddedBrokerError

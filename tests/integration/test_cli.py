@@ -42,6 +42,17 @@ def test_routes_uses_the_group_name_and_routers_package() -> None:
     assert result.stdout.strip().endswith("3 route(s)")
 
 
+def test_routes_lists_stream_routes_without_redis_enabled() -> None:
+    """Listing is not serving: stream routes are shown (with their stream) even with ENABLE_REDIS=false."""
+    result = run_main("routes", env=base_env(
+        ROUTERS_PACKAGE="tests.apps.streams_app.routers", STREAMS_APP_STREAM="orders", STREAMS_APP_TOPIC="orders",
+        STREAMS_APP_EXTERNAL="ext", ENABLE_REDIS="false"))
+    assert result.returncode == 0, result.stderr
+    assert "STREAM" in result.stdout.splitlines()[0]
+    assert "orders" in result.stdout and "ext" in result.stdout
+    assert "$share/workers/$stream" not in result.stdout  # a stream consumer subscribes to nothing
+
+
 def test_route_error_exits_2_naming_route_and_module() -> None:
     result = run_main("routes", env=base_env(ROUTERS_PACKAGE="tests.apps.core_bad_app"))
     assert result.returncode == 2
