@@ -135,6 +135,35 @@ async def test_without_mqtt_broker_the_embedded_broker_serves_the_example_app(
     assert "Traceback" not in app.output()
 
 
+async def test_readme_run_command_falls_back_to_11883_when_1883_is_taken(app_processes: list[AppProcess]) -> None:
+    """The README's `python main.py` with nothing configured, where a broker (say Mosquitto) holds 1883."""
+    from bootstrap.app import EMBEDDED_FALLBACK_PORT
+
+    holder = socket.socket()
+    try:
+        try:
+            holder.bind(("127.0.0.1", 1883))  # free here: take it, as a Mosquitto would
+            holder.listen()
+        except OSError:
+            pass  # already taken (this machine's Mosquitto): just what the test needs
+        with socket.socket() as check:
+            check.bind(("127.0.0.1", EMBEDDED_FALLBACK_PORT))  # the fallback itself must be free
+        app = AppProcess(base_env(MQTT_SESSION_EXPIRY="0", APP_NAME="cli-fallback"))
+        app_processes.append(app.start())
+        await app.wait_ready()
+        assert f"embedded broker listening on 127.0.0.1:{EMBEDDED_FALLBACK_PORT}" in app.output()
+        # `publish` with nothing configured finds the app's broker on the fallback port too.
+        result = await asyncio.to_thread(
+            run_main, "publish", "devices/42/status", '{"state": "on"}', "--qos", "1", env=base_env())
+        assert result.returncode == 0, result.stdout + result.stderr
+        await app.wait_output("device 42 reported its status")
+        app.signal(signal.SIGTERM)
+        assert await app.wait_exit() == 0
+        assert "Traceback" not in app.output()
+    finally:
+        holder.close()
+
+
 async def test_embedded_broker_port_taken_prints_one_line_hint(mosquitto: Any) -> None:
     result = run_main(env=base_env(EMBEDDED_BROKER_PORT=str(mosquitto.port)), timeout=30)
     assert result.returncode == 2
