@@ -301,7 +301,8 @@ class MqttClient:
             # does not arrive within the keepalive (a well-behaved broker sends no more messages
             # beyond Receive Maximum meanwhile).
             reading = may_read() or p._ping_t != 0
-            timeout = 0.0 if reading and getattr(sock, "pending", None) and sock.pending() else 1.0  # type: ignore[union-attr]
+            pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted, which select() cannot see
+            timeout = 0.0 if reading and pending is not None and pending() else 1.0
             try:
                 readable, writable, _ = select.select([sock, wake_r] if reading else [wake_r],
                                                       [sock] if p.want_write() else [], [], timeout)
