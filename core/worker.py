@@ -187,10 +187,7 @@ async def _serve(spec: WorkerSpec, conn: Connection, early: list[int]) -> int:
     # filter an older, wider run of this id had subscribed are then handled, not dead-lettered,
     # until the unsubscribe below reaches the broker.
     runtime = app.make_runtime(shared, client_id=client_id, worker_id=spec.worker_id)
-    wanted = {route.subscription_topic(group) for route in mine}
-    stale = [route.subscription_topic(group) for route in shared if route.subscription_topic(group) not in wanted]
-    runtime.client.subscriptions = [sub for sub in runtime.client.subscriptions if sub.topic in wanted]
-    runtime.subscriptions = list(runtime.client.subscriptions)
+    stale = serve_only(runtime, mine, group)
 
     ticker = asyncio.create_task(_tick(runtime, settings, link, stopper))
     background: list[asyncio.Task[Any]] = []
@@ -233,13 +230,34 @@ async def _first(*awaitables: Any) -> None:
             task.cancel()
 
 
-async def _announce_ready(runtime: "Runtime", link: _Link, stale: list[str]) -> None:
+def serve_only(runtime: "Runtime", routes: Sequence["Route"], group: str) -> list[str]:
+    """Subscribe `runtime` to `routes` only, though it knows (and so handles) all its table's routes.
+
+    Returns the other routes' subscriptions: a resumed session of a wider run may still hold them,
+    and what it delivers for them is then handled, not dead-lettered, until `leave_stale` leaves them.
+    """
+    wanted = {route.subscription_topic(group) for route in routes}
+    runtime.client.subscriptions = [sub for sub in runtime.client.subscriptions if sub.topic in wanted]
+    runtime.subscriptions = list(runtime.client.subscriptions)
+    topics = [route.subscription_topic(group) for route in runtime.table.routes if route.subscribe]
+    return [topic for topic in topics if topic not in wanted]
+
+
+async def leave_stale(runtime: "Runtime", stale: Sequence[str]) -> None:
+    """Once ready: unsubscribe `stale` (from `serve_only`) if the session was resumed."""
     await runtime.wait_ready()
+    if stale and runtime.client.state.session_present:
+        # A resumed session may still hold filters this process no longer serves (a route's
+        # worker_count went down, or a single-process run left its `$share` subscriptions in the
+        # supervisor's session): leave those groups so the broker stops dealing them to us.
+        if await runtime.client.unsubscribe(list(stale)):
+            log.info("left %d shared subscription(s) this process no longer serves, if its session held them: %s",
+                     len(stale), ", ".join(stale))
+
+
+async def _announce_ready(runtime: "Runtime", link: _Link, stale: list[str]) -> None:
+    await leave_stale(runtime, stale)
     state = runtime.client.state
-    if stale and state.session_present:
-        # A resumed session may still hold filters this worker no longer serves (a route's
-        # worker_count went down): leave those groups so the broker stops dealing them to us.
-        await runtime.client.unsubscribe(stale)
     link.send({"type": "ready", "session_present": state.session_present,
                "subscriptions": len(runtime.client.subscriptions)})
 
