@@ -311,25 +311,25 @@ class _SharedSubscriptionBroker(Broker):
     async def _run_broadcast(self, running_tasks: deque[asyncio.Task[OutgoingApplicationMessage]]) -> None:
         broadcast = await self._broadcast_queue.get()
         topic = broadcast["topic"]
-        # One copy per client for its plain subscriptions, at their highest
-        # QoS (MQTT 3.1.1 section 3.3.5; Mosquitto does the same); amqtt sent
-        # one per matching filter. Each (group, filter) pair is a subscription
-        # of its own and adds one copy for the member it picks.
-        plain: dict[str | None, tuple[Session, int]] = {}
+        # One copy per client, at the highest QoS of the subscriptions it is delivered for (MQTT
+        # 3.1.1 section 3.3.5; Mosquitto does the same for plain filters); amqtt sent one per
+        # matching filter. Each (group, filter) pair is a subscription of its own and picks one
+        # member. MQTT 3.1.1 has no subscription identifiers, so a client cannot tell the copy of
+        # its plain subscription from the copy of its shared one and runs every matching route
+        # for each: the copy it was picked for is folded into the one it gets anyway.
+        copies: dict[str | None, tuple[Session, int]] = {}
         for key, subscriptions in list(self._subscriptions.items()):
             if not subscriptions:
                 continue
             if not key.startswith(SHARE_PREFIX):
                 if self._matches(topic, key):
                     for target, sub_qos in subscriptions:
-                        known = plain.get(target.client_id)
-                        if known is None or sub_qos > known[1]:
-                            plain[target.client_id] = (target, sub_qos)
+                        _add_copy(copies, target, sub_qos)
             elif self._matches(topic, self._shared_filter(key)):
                 picked = self._pick_member(key, subscriptions, broadcast)
                 if picked is not None:
-                    await self._deliver(broadcast, *picked)
-        for target, sub_qos in plain.values():
+                    _add_copy(copies, *picked)
+        for target, sub_qos in copies.values():
             await self._deliver(broadcast, target, sub_qos)
 
     def _shared_filter(self, key: str) -> str:
@@ -383,6 +383,12 @@ class _SharedSubscriptionBroker(Broker):
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _add_copy(copies: dict[str | None, tuple[Session, int]], target: Session, sub_qos: int) -> None:
+    known = copies.get(target.client_id)
+    if known is None or sub_qos > known[1]:
+        copies[target.client_id] = (target, sub_qos)
 
 
 def _keeps_offline_messages(session: Session, qos: int | None) -> bool:

@@ -171,7 +171,12 @@ async def test_shared_group_splits_messages_between_members(connect) -> None:
 
 
 @pytest.mark.asyncio
-async def test_plain_and_shared_subscriptions_on_one_filter_are_independent(connect) -> None:
+async def test_plain_and_shared_subscriptions_on_one_filter(connect) -> None:
+    """Each (group, filter) picks one member; a member that also has a plain subscription gets one copy.
+
+    MQTT 3.1.1 has no subscription identifiers, so a client cannot tell a plain copy from a shared
+    one: the copy it was picked for is folded into the copy it gets for its plain subscription.
+    """
     plain = await connect("plain")
     await plain.subscribe("sensors/+/data")
     members = [await connect(f"member-{i}") for i in range(2)]
@@ -184,16 +189,16 @@ async def test_plain_and_shared_subscriptions_on_one_filter_are_independent(conn
     pub = await connect("pub")
 
     await pub.publish_all("sensors/2/data", numbered(1000))
-    await wait_until(lambda: len(plain.messages) >= 1000, "plain copies")
-    group_total = lambda: sum(len(m.messages) for m in members) + len(both.messages) - 1000  # noqa: E731
-    await wait_until(lambda: group_total() >= 1000, "group copies")
+    await wait_until(lambda: len(plain.messages) >= 1000 and len(both.messages) >= 1000, "plain copies")
+    await pub.publish_all("sensors/2/data", [b"marker"])
+    await wait_until(lambda: b"marker" in plain.payloads() and b"marker" in both.payloads(), "the marker")
 
-    assert plain.payloads() == numbered(1000)
-    both_counts = Counter(both.payloads())
-    assert set(both_counts) == set(numbered(1000)) and set(both_counts.values()) <= {1, 2}
-    group_counts = Counter(p for m in members for p in m.payloads())
-    group_counts.update({payload: n - 1 for payload, n in both_counts.items() if n > 1})
-    assert group_counts == Counter(numbered(1000)), "the group got each message exactly once"
+    assert plain.payloads() == numbered(1000) + [b"marker"]
+    assert both.payloads() == numbered(1000) + [b"marker"], "one copy each, though picked for the group too"
+    group_counts = Counter(p for m in members for p in m.payloads() if p != b"marker")
+    assert set(group_counts.values()) == {1}, "no message went to two members of the group"
+    # Round-robin over three members: the other two get about two thirds between them.
+    assert 600 <= len(group_counts) <= 730
 
 
 @pytest.mark.asyncio

@@ -528,9 +528,6 @@ async def test_overlapping_filters_each_route_once_on_mosquitto(
     await overlapping_routes_run_once_each(target, serve, probe_factory, unique_id)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "MQTT 3.1.1 has no subscription identifiers: amqtt delivers one copy per matching subscription and "
-    "the dispatcher runs every matching route for each copy (4 subscriptions -> each route runs 4 times)"))
 async def test_overlapping_filters_each_route_once_on_embedded_broker(
         serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
     from core.embedded_broker import EmbeddedBroker
