@@ -16,17 +16,20 @@ import logging
 import multiprocessing
 import os
 import random
+import re
+import secrets
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 from core.backoff import backoff_delay
 from core.config import SETTING_NAMES, Settings, load_settings
-from core.worker import EXIT_RECYCLE, WorkerSpec, client_id_for, worker_main
+from core.router import Router
+from core.worker import EXIT_RECYCLE, WorkerSpec, client_id_for, serve_only, worker_main
 
 if TYPE_CHECKING:
     from bootstrap.app import Application
@@ -39,7 +42,7 @@ RESTART_BACKOFF_BASE = 0.5  # seconds before the first restart of a crashed work
 RESTART_BACKOFF_CAP = 30.0
 STARTUP_GRACE = 60.0  # a new process may take this long to send its first heartbeat (imports)
 STOP_GRACE = 5.0  # on top of SHUTDOWN_TIMEOUT: time for drained workers to disconnect and exit
-PARKED_IDLE = 1.5  # a parked session is drained once nothing arrived for this long
+PARKED_MARKER_TIMEOUT = 60.0  # a drain with no progress for this long keeps its session (retried at the next start)
 PARKED_PROBE_MISSES = 3  # ids probed above the worker count until this many in a row have no session
 
 
@@ -674,11 +677,14 @@ class ParkedSessions:
         """Connect as `-w<first>`, `-w<first+1>`... until PARKED_PROBE_MISSES ids in a row have no
         session; True if everything handled drained cleanly."""
         clean = True
+        group = self.settings.mqtt_group_name
+        routes = self._routes()
+        leave = [f"$share/{group}/{route.filter}" for route in routes]
         index, misses = self.first, 0
         while misses < PARKED_PROBE_MISSES and not self._stopping:
             client_id = client_id_for(self.settings.mqtt_client_id, index)
             try:
-                found, ok = await self._drain(client_id, index)
+                found, ok = await self._drain(client_id, f"w{index}-parked", routes, leave, "a run with more workers")
             except Exception:
                 log.exception("could not check for a session of %s", client_id)
                 return False
@@ -691,44 +697,48 @@ class ParkedSessions:
 
     def _routes(self) -> list["Route"]:
         # With no shared route left (they became plain), handle what is parked with the routes there are.
-        return self.app.shared_routes() or self.app.routes
+        # Consumer-only stream routes are left out: a drain bridges what it receives, it consumes no stream.
+        return [route for route in self.app.shared_routes() or self.app.routes if route.subscribe]
 
-    async def _drain(self, client_id: str, index: int) -> tuple[bool | None, bool]:
+    async def _drain(self, client_id: str, worker_id: str, routes: list["Route"], leave: list[str],
+                     left_by: str) -> tuple[bool | None, bool]:
         """(session found, drained cleanly); found is None if we could not connect."""
         settings = self.settings
-        routes = self._routes()
-        group = settings.mqtt_group_name
-        runtime = self.app.make_runtime(routes, client_id=client_id, worker_id=f"w{index}-parked")
-        runtime.client.subscriptions = []  # join no group; a resumed session brings its own subscriptions
-        runtime.subscriptions = []
+        marker = _DrainMarker(client_id)
+        runtime = self.app.make_runtime(marker.routes_with(routes), client_id=client_id, worker_id=worker_id)
+        # Join no group, only the marker's topic; a resumed session brings its own subscriptions.
+        serve_only(runtime, [marker.route], settings.mqtt_group_name)
         await runtime.start()
         if not await self._wait_ready_or_stop(runtime, timeout=10):
             if not self._stopping:
-                log.warning("could not connect as %s to look for messages parked by a run with more workers; "
-                            "they stay in its session until the next start", client_id)
+                log.warning("could not connect as %s to look for messages parked by %s; "
+                            "they stay in its session until the next start", client_id, left_by)
             await runtime.stop()
             return None, True
         present = runtime.client.state.session_present
         info = {"session_present": present, "handled": 0, "state": "draining" if present else "none"}
         self.info[client_id] = info
         if present:
-            log.info("found the session of %s, left by a run with more workers: handling its parked messages "
-                     "and ending it", client_id)
-            # Leave the groups first, so the broker deals nothing new to this session, then take
-            # what is queued in it.
-            await runtime.client.unsubscribe([f"$share/{group}/{route.compiled.filter}" for route in routes])
-            await self._wait_idle(runtime)
-            if self._stopping:
-                info["state"] = "interrupted"
-                await runtime.stop()  # keep the session: the next start handles the rest
+            log.info("found the session of %s, left by %s: handling its parked messages and ending it",
+                     client_id, left_by)
+            problem = await self._handle_parked(runtime, leave, marker, info)
+            if problem is not None:
+                # Keep the session: ending it would discard what may still be queued in it.
+                info["state"] = "interrupted" if self._stopping else "kept"
+                if not self._stopping:
+                    log.warning("%s: %s; keeping its session, so nothing queued in it is discarded "
+                                "(the next start tries again)", client_id, problem)
+                await runtime.stop()
+                info["handled"] = runtime.stats.received - marker.deliveries
                 return True, runtime.drained_cleanly
         clean = await runtime.stop(session_expiry=0)
         if not settings.mqtt_v5:
             await _end_session_311(settings, client_id)
-        info["handled"] = runtime.stats.received
+        handled = runtime.stats.received - marker.deliveries
+        info["handled"] = handled
         if present:
             info["state"] = "ended"
-            log.info("ended the session of %s after handling %d parked message(s)", client_id, runtime.stats.received)
+            log.info("ended the session of %s after handling %d parked message(s)", client_id, handled)
         else:
             self.info.pop(client_id, None)
         return present, clean
@@ -740,16 +750,79 @@ class ParkedSessions:
                 return True
         return False
 
-    async def _wait_idle(self, runtime: "Runtime") -> None:
-        last_count, last_change = -1, time.monotonic()
+    async def _handle_parked(self, runtime: "Runtime", leave: list[str], marker: "_DrainMarker",
+                             info: dict[str, Any]) -> str | None:
+        """Leave the groups, then handle everything queued in the session; None once done, else why not.
+
+        The marker is published after the UNSUBACK, so the broker queues it behind every message
+        dealt to this session; once it has been handled and nothing is in flight, the queue is empty.
+        """
+        from core.mqtt_client import PublishError
+
+        if not await runtime.client.unsubscribe(leave):
+            return "could not leave the shared groups (no UNSUBACK)"
+        try:
+            await asyncio.wait_for(runtime.client.publish(marker.topic, b"", qos=1), PARKED_MARKER_TIMEOUT)
+        except (asyncio.TimeoutError, PublishError) as exc:
+            return f"could not publish the drain marker ({exc or 'no PUBACK'})"
+        dispatcher = runtime.dispatcher
+        progress: tuple[int, int] = (-1, -1)
+        last_progress = time.monotonic()
         while not self._stopping:
-            count = runtime.stats.received
-            if count != last_count or runtime.dispatcher.inflight:
-                last_count, last_change = count, time.monotonic()
-                self.info.get(runtime.client_id, {})["handled"] = count
-            elif time.monotonic() - last_change >= PARKED_IDLE:
-                return
+            if marker.seen.is_set() and not dispatcher.inflight:
+                return None
+            now = time.monotonic()
+            if (runtime.stats.received, dispatcher.completed) != progress:
+                progress, last_progress = (runtime.stats.received, dispatcher.completed), now
+                info["handled"] = runtime.stats.received - marker.deliveries
+            elif now - last_progress >= PARKED_MARKER_TIMEOUT:
+                waiting = "handlers to finish" if marker.seen.is_set() else "the drain marker"
+                return f"no progress for {PARKED_MARKER_TIMEOUT:g} s waiting for {waiting}"
             await asyncio.sleep(0.1)
+        return "stopping"
+
+
+class _DrainMarker:
+    """A drain's barrier: a QoS 1 message the drain client publishes to a topic only it subscribes to.
+
+    Brokers deliver a client's queue in order (Mosquitto, and the embedded broker), so the marker
+    arrives after every message parked in the session before it was published.
+    """
+
+    def __init__(self, client_id: str) -> None:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", client_id)
+        self.topic = f"{safe}/parked-drain/{secrets.token_hex(8)}"
+        self.seen = asyncio.Event()
+        self.deliveries = 0
+        self.route = Router().on(self.topic, self._arrived, qos=1, payload_format="bytes", name="parked-drain marker")
+
+    async def _arrived(self) -> None:
+        self.deliveries += 1
+        self.seen.set()
+
+    def routes_with(self, routes: Sequence["Route"]) -> list["Route"]:
+        """`routes` and, last, the marker's route (its subscription id then maps to it).
+
+        Without subscription ids (MQTT 3.1.1) the dispatcher matches by topic, so a route whose
+        filter also matches the marker topic (say `#`) gets a guard that keeps the marker from it.
+        """
+        levels = self.topic.split("/")
+        guard = _SkipTopic(self.topic)
+        guarded = [replace(route, middleware=(guard, *route.middleware))
+                   if route.compiled.extract(levels) is not None else route for route in routes]
+        return [*guarded, self.route]
+
+
+class _SkipTopic:
+    """Middleware: drop (and acknowledge) a message on `topic` before it reaches the handler."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+
+    async def handle(self, context: Any, call_next: Any) -> Any:
+        if context.topic == self.topic:
+            return None
+        return await call_next(context)
 
 
 def _send(conn: Connection, message: dict[str, Any]) -> bool:

@@ -8,6 +8,7 @@ started here is stopped by PID.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -17,14 +18,24 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import paho.mqtt.client as paho
 import pytest
+import pytest_asyncio
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from bootstrap.app import Application
+from core.config import load_settings
+from core.embedded_broker import EmbeddedBroker
+from core.router import Router
+from core.worker_manager import ParkedSessions
+from tests.integration.conftest import BrokerTarget
+from tests.support.rt_probe import Probe
+from tests.support.rt_proxy import PUBLISH, MqttProxy
+from tests.support.rt_wait import wait_until
 from tests.support.servers import MosquittoServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -475,6 +486,7 @@ def test_fewer_workers_drain_and_end_the_sessions_a_larger_run_left(
     lost, duplicates = report("3 -> 2 workers", seqs, expected)
     assert lost == 0 and duplicates == 0
     assert {worker for worker, _, _ in records.lines()} == {"w0", "w1", "w2-parked"}
+    assert records.by_worker()["w2-parked"] == int(match.group(1))  # the drain counted exactly what it handled
     assert not session_present(broker.port, f"{CLIENT_ID}-w2")
     assert session_present(broker.port, f"{CLIENT_ID}-w0")  # the remaining workers keep theirs
 
@@ -648,3 +660,119 @@ def test_a_worker_that_does_not_drain_in_time_is_killed_and_the_exit_code_is_1(
     assert f"worker w0 (pid {pid}) did not stop within 6 s; killing it" in log
     assert f"worker w0 (pid {pid}) stopped: killed by SIGKILL" in log
     assert "exit 1: worker(s) w0 did not stop cleanly" in log
+
+
+# -- draining sessions: the marker barrier, and the supervisor's own session ----------------------
+
+
+class StallingProxy(MqttProxy):
+    """Passes MQTT through, but holds back the broker's PUBLISH packets after the first `after` for
+    `seconds`, once: a broker slow to deliver a resumed session's queue (the packets behind wait too)."""
+
+    def __init__(self, host: str, port: int, after: int, seconds: float) -> None:
+        super().__init__(host, port)
+        self.after, self.seconds = after, seconds
+        self.delivered = 0
+        self.stalled = False
+
+    async def before_forward(self, direction: str, first: int, body: bytes) -> None:
+        if direction == "in" and first >> 4 == PUBLISH:
+            self.delivered += 1
+            if self.delivered == self.after + 1:
+                self.stalled = True
+                await asyncio.sleep(self.seconds)
+
+
+async def _persistent_client(target: BrokerTarget, client_id: str) -> tuple[paho.Client, bool]:
+    """Connect keeping the session (v5: expiry 300 s; 3.1.1: clean_session off); (client, session present)."""
+    result: dict[str, bool] = {}
+    if target.v5:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 300
+        kwargs: dict[str, Any] = {"clean_start": False, "properties": props}
+    else:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311,
+                             clean_session=False)
+        kwargs = {}
+    client.on_connect = lambda c, u, flags, reason, p: result.setdefault("present", bool(flags.session_present))
+    client.connect(target.host, target.port, **kwargs)
+    client.loop_start()
+    await wait_until(lambda: "present" in result, f"CONNACK for {client_id}")
+    return client, result["present"]
+
+
+async def _disconnect(client: paho.Client) -> None:
+    client.disconnect()
+    await wait_until(lambda: not client.is_connected(), "disconnect")
+    client.loop_stop()
+
+
+@pytest_asyncio.fixture(params=["mosquitto", "embedded"])
+async def drain_target(request: pytest.FixtureRequest) -> AsyncIterator[BrokerTarget]:
+    """Where the in-process drain test runs: a private Mosquitto (MQTT 5) or the embedded broker (3.1.1)."""
+    if request.param == "mosquitto":
+        server = request.getfixturevalue("mosquitto_factory")(max_queued=100_000)
+        yield BrokerTarget("mosquitto", "127.0.0.1", server.port, v5=True)
+        return
+    embedded = EmbeddedBroker("127.0.0.1", 0)
+    await embedded.start()
+    try:
+        yield BrokerTarget("embedded", "127.0.0.1", embedded.port, v5=False)
+    finally:
+        await embedded.stop()
+
+
+async def test_a_drain_ends_the_session_only_after_everything_queued_in_it_was_handled(
+    drain_target: BrokerTarget,
+) -> None:
+    """The broker stalls for 3 s after delivering 50 of 300 parked messages. A drain that guessed
+    "empty" from 1.5 s without a message ended the session there and so discarded the other 250;
+    the marker it publishes to itself comes behind all 300, so it waits for them."""
+    target = drain_target
+    base = f"drain{time.time_ns() % 10**9}"
+    topic = f"{base}/seq"
+    client, _ = await _persistent_client(target, f"{base}-w0")  # a worker session of a larger run...
+    subscribed = threading.Event()
+    client.on_subscribe = lambda c, u, mid, codes, props: subscribed.set()
+    client.subscribe(f"$share/workers/{topic}", qos=1)
+    await wait_until(subscribed.is_set, "SUBACK")
+    await _disconnect(client)  # ...left offline: the group's messages park in it
+    probe = await Probe(target.host, target.port, f"{base}-pub", v5=target.v5).connect()
+    expected = range(300)
+    for seq in expected:
+        await probe.publish(topic, str(seq))
+    probe.close()
+
+    handled: list[int] = []
+    everything: list[str] = []
+
+    async def seq_handler(payload: str) -> None:
+        await asyncio.sleep(0.001)
+        handled.append(int(payload))
+
+    async def catch_all(topic: str) -> None:  # matches the marker's topic too (3.1.1 matches by topic)
+        everything.append(topic)
+
+    router = Router()
+    router.on(topic, seq_handler, qos=1, shared=True, payload_format="text")
+    router.on("#", catch_all, qos=1, shared=True)
+    stalling = await StallingProxy(target.host, target.port, after=50, seconds=3.0).start()
+    try:
+        settings = load_settings({
+            **target.env(stalling.port), "MQTT_CLIENT_ID": base, "MAX_INFLIGHT": "20",
+            "SHUTDOWN_TIMEOUT": "5", "MQTT_RECONNECT_MIN": "0.1", "MQTT_RECONNECT_MAX": "1",
+        })
+        parked = ParkedSessions(Application(settings, router), first=0)
+        assert await asyncio.wait_for(parked.run(), 60)
+    finally:
+        await stalling.stop()
+    assert stalling.stalled, "the broker's deliveries were never held back"
+    assert Counter(handled) == Counter(expected), f"{len(set(expected) - set(handled))} lost"
+    assert parked.info[f"{base}-w0"] == {"session_present": True, "handled": len(expected), "state": "ended"}
+    assert not [t for t in everything if "parked-drain" in t], "the marker reached a user route"
+    assert sorted(everything) == sorted([topic] * len(expected))  # `#` saw the parked messages, nothing else
+    if target.v5:  # amqtt reports any id it has seen as a present session, even after a clean-session connect
+        client, present = await _persistent_client(target, f"{base}-w0")
+        await _disconnect(client)
+        assert not present, "the drained session was not ended"

@@ -74,6 +74,9 @@ class MqttProxy:
     def pubacks_out(self) -> list[Packet]:
         return [p for p in self.packets if p.direction == "out" and p.kind == PUBACK]
 
+    async def before_forward(self, direction: str, first: int, body: bytes) -> None:
+        """Called before each packet is passed on; a subclass may delay it (holding back the ones behind it)."""
+
     # -- plumbing -------------------------------------------------------------------------------------
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
@@ -104,6 +107,7 @@ class MqttProxy:
                         break
                 body = await reader.readexactly(length)
                 self._record(direction, first[0], body)
+                await self.before_forward(direction, first[0], body)
                 writer.write(bytes(header) + body)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
