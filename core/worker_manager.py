@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 from core.backoff import backoff_delay
 from core.config import SETTING_NAMES, Settings, load_settings
 from core.router import Router
-from core.worker import EXIT_RECYCLE, WorkerSpec, client_id_for, serve_only, worker_main
+from core.worker import EXIT_RECYCLE, WorkerSpec, client_id_for, leave_stale, serve_only, worker_main
 
 if TYPE_CHECKING:
     from bootstrap.app import Application
@@ -198,7 +198,10 @@ class WorkerManager:
         self._main_task: asyncio.Task[bool] | None = None
         self._parked_task: asyncio.Task[bool] | None = None
         self._idle_task: asyncio.Task[None] | None = None
-        self._parked = ParkedSessions(app, plan.count)
+        self._leave_task: asyncio.Task[None] | None = None
+        # Without plain routes there is no main runtime to resume MQTT_CLIENT_ID's session, so a
+        # single-process run's `$share` subscriptions (and messages parked there) are drained instead.
+        self._parked = ParkedSessions(app, plan.count, main_session=not app.plain_routes())
         self._main_clean = True
         self._parked_clean = True
         self._all_ready_logged = False
@@ -309,9 +312,16 @@ class WorkerManager:
         routes = self.app.plain_routes()
         if not routes:
             return
-        runtime = self.app.make_runtime(routes, worker_id="main")
+        # It knows the shared routes too but subscribes to the plain ones only: the session of a run
+        # without workers (same client id) still holds their `$share` subscriptions and what was
+        # parked for them, handled here until leave_stale has left those groups. Same order as that
+        # run's routes, so the subscription ids match. Consumer-only stream routes stay with the workers.
+        known = [route for route in self.app.routes if route.subscribe or not route.shared]
+        runtime = self.app.make_runtime(known, worker_id="main")
+        stale = serve_only(runtime, routes, self.settings.mqtt_group_name)
         self._main_runtime = runtime
         self._main_task = asyncio.create_task(runtime.run())
+        self._leave_task = asyncio.create_task(leave_stale(runtime, stale))
         if self.test_mode:
             from bootstrap.app import stop_when_idle
 
@@ -584,8 +594,9 @@ class WorkerManager:
                     os.kill(proc.process.pid, signal.SIGTERM)  # type: ignore[arg-type]
                 except ProcessLookupError:
                     pass
-        if self._idle_task is not None:
-            self._idle_task.cancel()
+        for task in (self._idle_task, self._leave_task):
+            if task is not None:
+                task.cancel()
         if self._main_runtime is not None:
             self._main_runtime.request_stop()
         deadline = time.monotonic() + self.settings.shutdown_timeout + STOP_GRACE
@@ -654,18 +665,21 @@ class WorkerManager:
 
 
 class ParkedSessions:
-    """Handle and end the worker sessions (`<MQTT_CLIENT_ID>-w<i>`, i >= `first`) a larger run left.
+    """Handle and end the sessions a different kind of run left: worker sessions
+    (`<MQTT_CLIENT_ID>-w<i>`, i >= `first`) and, with `main_session`, `MQTT_CLIENT_ID`'s own.
 
     Mosquitto keeps dealing a share of a `$share` group's messages to offline persistent sessions, so
-    after a run with more workers (or with workers at all, before `python main.py` alone) messages
-    wait in sessions nobody resumes. Used by the supervisor (ids above its worker count) and by the
-    single-process mode (every worker id).
+    after a run with more workers (or with workers at all, before `python main.py` alone; or without
+    workers, before a supervisor that runs no main runtime) messages wait in sessions nobody resumes.
+    Used by the supervisor (ids above its worker count; `MQTT_CLIENT_ID` too when it has no plain
+    routes) and by the single-process mode (every worker id).
     """
 
-    def __init__(self, app: "Application", first: int) -> None:
+    def __init__(self, app: "Application", first: int, *, main_session: bool = False) -> None:
         self.app = app
         self.settings = app.settings
         self.first = first
+        self.main_session = main_session
         self.info: dict[str, dict[str, Any]] = {}  # client id -> session_present, handled, state
         self._stopping = False
 
@@ -674,10 +688,23 @@ class ParkedSessions:
         self._stopping = True
 
     async def run(self) -> bool:
-        """Connect as `-w<first>`, `-w<first+1>`... until PARKED_PROBE_MISSES ids in a row have no
-        session; True if everything handled drained cleanly."""
+        """With `main_session`, drain `MQTT_CLIENT_ID` first; then connect as `-w<first>`,
+        `-w<first+1>`... until PARKED_PROBE_MISSES ids in a row have no session. True if everything
+        handled drained cleanly."""
         clean = True
         group = self.settings.mqtt_group_name
+        if self.main_session and not self._stopping:
+            routes = [route for route in self.app.routes if route.subscribe]
+            # A run without workers subscribed the shared routes as `$share/...` and the plain ones as they are.
+            leave = [f"$share/{group}/{route.filter}" for route in routes] + [route.filter for route in routes]
+            try:
+                found, clean = await self._drain(self.settings.mqtt_client_id, "main-parked", routes, leave,
+                                                 "a run without worker processes")
+            except Exception:
+                log.exception("could not check for a session of %s", self.settings.mqtt_client_id)
+                return False
+            if found is None:
+                return clean
         routes = self._routes()
         leave = [f"$share/{group}/{route.filter}" for route in routes]
         index, misses = self.first, 0

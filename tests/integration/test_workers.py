@@ -665,6 +665,78 @@ def test_a_worker_that_does_not_drain_in_time_is_killed_and_the_exit_code_is_1(
 # -- draining sessions: the marker barrier, and the supervisor's own session ----------------------
 
 
+class DeadLetters:
+    """A subscriber to `dead-letter/#` that counts what the app dead-letters."""
+
+    def __init__(self, port: int) -> None:
+        self.topics: list[str] = []
+        self._subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"dead-{time.time_ns()}", protocol=paho.MQTTv5)
+        self.client.on_message = lambda c, u, message: self.topics.append(message.topic)
+        self.client.on_subscribe = lambda c, u, mid, codes, props: self._subscribed.set()
+        self.client.on_connect = lambda c, u, flags, reason, props: c.subscribe("dead-letter/#", qos=1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "no SUBACK for dead-letter/#"
+
+    def settled(self) -> list[str]:
+        """What arrived, once a sentinel published after everything else has come back."""
+        info = self.client.publish("dead-letter/sentinel", b"", qos=1)
+        info.wait_for_publish(10)
+        wait_for(lambda: "dead-letter/sentinel" in self.topics, "the dead-letter sentinel")
+        return [topic for topic in self.topics if topic != "dead-letter/sentinel"]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.mark.parametrize("plain", [True, False], ids=["with-plain-routes", "no-plain-routes"])
+def test_workers_after_a_single_process_run_handle_what_its_session_held_for_shared_routes(
+    plain: bool, broker: MosquittoServer, harness: Any, tmp_path: Path
+) -> None:
+    """`python main.py` subscribed `$share/workers/seq/in` as MQTT_CLIENT_ID; its session keeps that
+    subscription and collects the messages published while nothing runs. With --workers the
+    supervisor's main runtime resumes that session (with plain routes) and handles them, then leaves
+    the group; without plain routes there is no main runtime and the session is drained and ended."""
+    records = Records(tmp_path / "records.txt")
+    env = app_env(tmp_path, broker.port, **({} if plain else {"SEQAPP_NO_PLAIN": "1"}))
+    first = harness(env)  # one process
+    first.wait_log(r"mqtt\[main\]: subscribed to \d+ filter")
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+    dead = DeadLetters(broker.port)
+    publisher = Publisher(broker.port)
+    expected = range(600)
+    publisher.publish(expected)  # the group's only member is the offline session of MQTT_CLIENT_ID
+    publisher.close()
+
+    second = harness(env, "--workers", "2")
+    second.wait_ready(2)
+    if plain:
+        second.wait_log(r"\[main\] core\.worker: left \d+ shared subscription\(s\)")
+    else:
+        match = second.wait_log(rf"ended the session of {CLIENT_ID} after handling (\d+) parked message")
+        assert int(match.group(1)) == len(expected)
+    records.wait_handled(expected)
+    later = range(10_000, 10_300)
+    publisher = Publisher(broker.port)
+    publisher.publish(later)  # the main process has left the group: only the workers get these
+    publisher.close()
+    seqs = records.wait_handled(later)
+    second.signal(signal.SIGTERM)
+    assert second.wait() == 0
+    for name, seq_range in (("parked in the main session", expected), ("published afterwards", later)):
+        lost, duplicates = report(name, seqs, seq_range)
+        assert lost == 0 and duplicates == 0
+    by = Counter(worker for worker, _, seq in records.lines() if seq in expected)
+    assert by == {"main" if plain else "main-parked": len(expected)}, by
+    assert {worker for worker, _, seq in records.lines() if seq in later} <= {"w0", "w1"}
+    assert dead.settled() == []
+    dead.close()
+    assert session_present(broker.port, CLIENT_ID) == plain  # kept by the main runtime, else ended
+
+
 class StallingProxy(MqttProxy):
     """Passes MQTT through, but holds back the broker's PUBLISH packets after the first `after` for
     `seconds`, once: a broker slow to deliver a resumed session's queue (the packets behind wait too)."""

@@ -10,6 +10,7 @@ SEQAPP_HANG_SEQ     this sequence number's handler hangs without blocking the ev
                     handler awaits, a plain one blocks its pool thread) until the file SEQAPP_RELEASE
                     exists (forever if unset); once if SEQAPP_MARKER is set (created when it starts)
 SEQAPP_SYNC         1: the shared routes use a plain (sync) handler, run in the thread pool
+SEQAPP_NO_PLAIN     1: leave out the plain route `plain/in` (the supervisor then runs no main runtime)
 """
 
 from __future__ import annotations
@@ -91,4 +92,5 @@ router.on("seq/in", _shared_handler, qos=1, shared=True, payload_format="text",
           worker_count=int(os.environ.get("SEQAPP_WORKER_COUNT", "1") or 1))
 router.on("seq2/in", _shared_handler, qos=1, shared=True, payload_format="text",
           worker_count=int(os.environ.get("SEQAPP_WORKER_COUNT2", "1") or 1))
-router.on("plain/in", handle_plain, qos=1, payload_format="text")
+if os.environ.get("SEQAPP_NO_PLAIN", "") != "1":
+    router.on("plain/in", handle_plain, qos=1, payload_format="text")
