@@ -151,8 +151,11 @@ def test_single_process_metrics_match_the_messages_sent(mosquitto_factory: Any, 
 
     def settled() -> Any:
         m = scrape(url)
+        # Counters move when a handler finishes; a dead-lettered message stays in flight until the
+        # broker acknowledged its dead letter, so wait for that too.
         return m if metric(m, "mqtt_app_messages_received_total", worker="main") >= 58 and \
-            metric_sum(m, "mqtt_app_route_messages_received_total") >= 58 else None
+            metric_sum(m, "mqtt_app_route_messages_received_total") >= 58 and \
+            metric(m, "mqtt_app_inflight", worker="main") == 0 else None
 
     m = wait_until_sync(settled, "the metrics to count every message")
     assert metric(m, "mqtt_app_messages_received_total", worker="main") == 58
