@@ -66,11 +66,12 @@ class Runtime:
             on_complete=self._on_complete,
         )
         self._max_inflight = settings.max_inflight
+        self._resume_at = settings.max_inflight - max(1, settings.max_inflight // 4)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: deque[tuple[Any, int]] = deque()
         self._wakeup_scheduled = False
         self._received = 0  # written by the network thread only
-        self._waiting_for_room = False
+        self._paused = False  # reading stopped at MAX_INFLIGHT (network thread sets, both read)
         self._stop_event: asyncio.Event | None = None
         self._stopping = False
         self.drained_cleanly = True
@@ -84,23 +85,31 @@ class Runtime:
     def _has_room(self) -> bool:
         """Network thread: may it read another message from the socket?
 
-        Backpressure: no while MAX_INFLIGHT messages are queued or running. On MQTT 5 the broker
-        should never have more than Receive Maximum (= MAX_INFLIGHT) unacknowledged QoS 1/2
-        messages out to us, but Mosquitto 2.0.x overshoots it by hundreds when acks trickle in
-        during a backlog, and QoS 0 (and 3.1.1) have no such limit at all. Reading goes on while a
-        handler waits for a PUBACK of its own publish: only this thread can read it.
+        Backpressure: no once MAX_INFLIGHT messages are queued or running, until they are down to
+        `_resume_at` (a quarter of the limit lower), so that under sustained load the threads
+        hand over batches of messages rather than one wake-up each way per message. On MQTT 5
+        the broker should never have more than Receive Maximum (= MAX_INFLIGHT) unacknowledged
+        QoS 1/2 messages out to us, but Mosquitto 2.0.x overshoots it by hundreds when acks
+        trickle in during a backlog, and QoS 0 (and 3.1.1) have no such limit at all. Reading goes
+        on while a handler waits for a PUBACK of its own publish: only this thread can read it.
         """
-        if (
-            self._received - self.dispatcher.completed < self._max_inflight
-            or self.client.publishes_pending
-            or self._stopping
-        ):
+        if self.client.publishes_pending or self._stopping:
+            self._paused = False
+            return True
+        outstanding = self._received - self.dispatcher.completed
+        if self._paused:
+            if outstanding > self._resume_at:
+                return False
+            self._paused = False
+            return True
+        if outstanding < self._max_inflight:
             return True
         self._wake_loop()  # the loop must see what is queued, or no room would ever free up
-        if not self._waiting_for_room:
-            # Publish the flag, then look again: a handler finishing in between sees the flag.
-            self._waiting_for_room = True
-            return self._received - self.dispatcher.completed < self._max_inflight
+        # Publish the flag, then look again: a handler finishing in between sees the flag.
+        self._paused = True
+        if self._received - self.dispatcher.completed <= self._resume_at:
+            self._paused = False
+            return True
         return False
 
     def _wake_loop(self) -> None:
@@ -123,8 +132,7 @@ class Runtime:
             submit(message, generation)
 
     def _on_complete(self) -> None:
-        if self._waiting_for_room:
-            self._waiting_for_room = False
+        if self._paused and self._received - self.dispatcher.completed <= self._resume_at:
             self.client.wake()
 
     # -- lifecycle ------------------------------------------------------------------------------
