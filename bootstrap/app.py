@@ -160,7 +160,14 @@ async def serve_single_process(app: Application, *, test_mode: bool = False) -> 
         runtime.request_stop()
 
     install_stop_signals(request_stop)
-    parked_task = asyncio.create_task(parked.run())
+    subscribed = asyncio.Event()
+    runtime.client.add_state_listener(lambda event: subscribed.set() if event == "subscribed" else None)
+
+    async def drain_parked() -> bool:
+        await subscribed.wait()  # the app's own subscriptions first; the drain is background work
+        return await parked.run()
+
+    parked_task = asyncio.create_task(drain_parked())
     idle_task = asyncio.create_task(_stop_when_idle_after(parked_task, runtime, settings.test_mode_idle)) \
         if test_mode else None
     ops = None
@@ -172,8 +179,12 @@ async def serve_single_process(app: Application, *, test_mode: bool = False) -> 
         clean = await runtime.run()
     finally:
         parked.stop()
+        if not subscribed.is_set():
+            parked_task.cancel()  # stopped before it ever subscribed: nothing was drained
         try:
             parked_clean = await parked_task
+        except asyncio.CancelledError:
+            parked_clean = True
         except Exception:
             log.exception("draining the sessions of former worker processes failed")
         if idle_task is not None:

@@ -437,15 +437,20 @@ def test_crash_loop_stops_everything_with_exit_1(broker: MosquittoServer, harnes
     assert len(app.worker_pids("w0")) == 3
 
 
+def start_and_stop_keeping_sessions(harness: Any, env: dict[str, str]) -> None:
+    """`--workers 2` until both workers subscribed, then SIGTERM (exit 0): the sessions stay with the broker."""
+    app = harness(env, "--workers", "2")
+    app.wait_ready(2)
+    app.signal(signal.SIGTERM)
+    assert app.wait() == 0
+
+
 def test_test_mode_handles_what_waited_in_the_sessions_and_exits_0(
     broker: MosquittoServer, harness: Any, tmp_path: Path
 ) -> None:
     records = Records(tmp_path / "records.txt")
     env = app_env(tmp_path, broker.port, TEST_MODE_IDLE="2")
-    first = harness(env, "--workers", "2")
-    first.wait_ready(2)
-    first.signal(signal.SIGTERM)
-    assert first.wait() == 0
+    start_and_stop_keeping_sessions(harness, env)
     # A normal stop keeps the sessions: what is published meanwhile waits for the next start.
     publisher = Publisher(broker.port)
     expected = range(1000)
@@ -576,10 +581,7 @@ def test_single_process_after_workers_handles_what_was_parked_in_their_sessions(
     above its count."""
     records = Records(tmp_path / "records.txt")
     env = app_env(tmp_path, broker.port, TEST_MODE_IDLE="2")
-    first = harness(env, "--workers", "2")
-    first.wait_ready(2)
-    first.signal(signal.SIGTERM)
-    assert first.wait() == 0
+    start_and_stop_keeping_sessions(harness, env)
     publisher = Publisher(broker.port)
     expected = range(600)
     publisher.publish(expected)  # dealt over w0's and w1's offline sessions
