@@ -127,12 +127,13 @@ class Application:
         return [r for r in self.router.routes if r.shared]
 
     def make_runtime(self, routes: Sequence[Route], *, client_id: str | None = None, worker_id: str = "main",
-                     session_expiry: int | None = None) -> Runtime:
+                     session_expiry: int | None = None, quiet: bool = False) -> Runtime:
+        """A Runtime for `routes` with the enabled features' hooks; `quiet` logs its connection at DEBUG."""
         hooks: list[RuntimeHook] = []
         for factory in self.hook_factories:
             hooks.extend(factory(self.settings, worker_id))
         return Runtime(self.settings, routes, client_id=client_id, worker_id=worker_id, hooks=hooks,
-                       session_expiry=session_expiry)
+                       session_expiry=session_expiry, quiet=quiet)
 
 
 async def serve_single_process(app: Application, *, test_mode: bool = False) -> int:

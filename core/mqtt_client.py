@@ -79,6 +79,7 @@ class MqttClient:
         name: str = "mqtt",
         on_batch_end: Callable[[], None] | None = None,
         may_read: Callable[[], bool] | None = None,
+        quiet: bool = False,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -89,6 +90,7 @@ class MqttClient:
         self._on_message = on_message
         self._on_batch_end = on_batch_end
         self._may_read = may_read or _always
+        self._info = log.debug if quiet else log.info  # state changes of short-lived helper connections
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -250,7 +252,7 @@ class MqttClient:
                         props = Properties(PacketTypes.CONNECT)
                         props.SessionExpiryInterval = self._session_expiry
                         props.ReceiveMaximum = min(65535, self._receive_maximum)
-                    log.info("%s: connecting to %s:%s as %r", self._name, host, port, self.client_id)
+                    self._info("%s: connecting to %s:%s as %r", self._name, host, port, self.client_id)
                     self._paho.connect(
                         host, port, keepalive=s.mqtt_keepalive, properties=props,
                         **({"clean_start": self._clean_start} if self.v5 else {}),
@@ -398,7 +400,7 @@ class MqttClient:
         if self.v5 and properties is not None:
             available = getattr(properties, "SubscriptionIdentifierAvailable", 1)
             self.subscription_ids_available = bool(available)
-        log.info(
+        self._info(
             "%s: connected to %s:%s as %r (%s session)", self._name, self.settings.broker_host,
             self.settings.broker_port, self.client_id, "resumed" if self.state.session_present else "new",
         )
@@ -435,7 +437,7 @@ class MqttClient:
                 log.error("%s: broker refused the subscription %r (qos %d): %s", self._name, sub.topic, sub.qos, code)
         if not self._pending_subacks:
             self.state.subscribed = True
-            log.info("%s: subscribed to %d filter(s)", self._name, len(self.subscriptions))
+            self._info("%s: subscribed to %d filter(s)", self._name, len(self.subscriptions))
             self._emit("subscribed")
 
     def _handle_unsubscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
@@ -456,7 +458,7 @@ class MqttClient:
         if was_connected:
             self.state.disconnects += 1
             if self._closing:
-                log.info("%s: disconnected", self._name)
+                self._info("%s: disconnected", self._name)
             else:
                 log.warning("%s: disconnected from broker: %s", self._name, reason)
             self._emit("disconnected")

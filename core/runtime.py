@@ -41,6 +41,7 @@ class Runtime:
         worker_id: str = "main",
         hooks: Sequence[RuntimeHook] = (),
         session_expiry: int | None = None,
+        quiet: bool = False,
     ) -> None:
         self.settings = settings
         self.worker_id = worker_id
@@ -56,7 +57,7 @@ class Runtime:
         self.client = MqttClient(
             settings, self.client_id, self._on_message_network_thread, subscriptions=self.subscriptions,
             receive_maximum=settings.max_inflight, session_expiry=session_expiry, name=f"mqtt[{worker_id}]",
-            on_batch_end=self._wake_loop, may_read=self._has_room,
+            on_batch_end=self._wake_loop, may_read=self._has_room, quiet=quiet,
         )
         self.services = Services(self.client, worker_id)
         self.executor = ThreadPoolExecutor(max_workers=settings.sync_handler_threads, thread_name_prefix="handler")
@@ -75,6 +76,7 @@ class Runtime:
         self._stop_event: asyncio.Event | None = None
         self._stopping = False
         self.drained_cleanly = True
+        self._info = log.debug if quiet else log.info
 
     # -- network thread -> loop ---------------------------------------------------------------
 
@@ -167,7 +169,7 @@ class Runtime:
         self.client.wake()
         self.dispatcher.stop_accepting()
         self._drain_inbox()  # messages already handed over are counted, not silently lost
-        log.info("stopping: %d handler(s) in flight", self.dispatcher.inflight)
+        self._info("stopping: %d handler(s) in flight", self.dispatcher.inflight)
         clean = await self.dispatcher.drain(self.settings.shutdown_timeout)
         # Give paho a moment to write the final PUBACKs before DISCONNECT.
         await asyncio.sleep(0)
@@ -182,5 +184,5 @@ class Runtime:
             log.info("%d message(s) arrived during shutdown and were left to the broker (QoS 1/2 are redelivered)",
                      self.stats.dropped_on_shutdown)
         self.drained_cleanly = clean
-        log.info("stopped (%s)", "drained" if clean else "handlers cancelled")
+        self._info("stopped (%s)", "drained" if clean else "handlers cancelled")
         return clean

@@ -732,7 +732,9 @@ class ParkedSessions:
         """(session found, drained cleanly); found is None if we could not connect."""
         settings = self.settings
         marker = _DrainMarker(client_id)
-        runtime = self.app.make_runtime(marker.routes_with(routes), client_id=client_id, worker_id=worker_id)
+        # Quiet: most starts find no session, and this says so at INFO itself when one is found.
+        runtime = self.app.make_runtime(marker.routes_with(routes), client_id=client_id, worker_id=worker_id,
+                                        quiet=True)
         # Join no group, only the marker's topic; a resumed session brings its own subscriptions.
         serve_only(runtime, [marker.route], settings.mqtt_group_name)
         await runtime.start()
