@@ -187,14 +187,17 @@ async def test_broker_down_for_seconds_everything_published_after_it_returns(
         collector.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
 def test_claims_of_a_killed_process_are_taken_over_after_the_lock_timeout(
-        mosquitto_factory: Callable[..., MosquittoServer], unique_id: str, tmp_path: Path) -> None:
+        backend: str, mosquitto_factory: Callable[..., MosquittoServer], unique_id: str, tmp_path: Path) -> None:
     """Process A claims a batch and waits for PUBACKs of a frozen broker; A is SIGKILLed; B takes over."""
     broker = mosquitto_factory()
-    url = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"
+    url = _url(backend, tmp_path)
+    outbox = f"ob_{unique_id}"
     env = app_env(
         MQTT_BROKER=broker.host, MQTT_PORT=str(broker.port), MQTT_GROUP_NAME=f"g{unique_id}",
-        ROUTERS_PACKAGE="tests.apps.outbox_app.routers", DATABASE_URL=url, OUTBOX_APP_ORDERS=f"orders_{unique_id}",
+        ROUTERS_PACKAGE="tests.apps.outbox_app.routers", DATABASE_URL=url, OUTBOX_TABLE=outbox,
+        OUTBOX_APP_ORDERS=f"orders_{unique_id}",
         OUTBOX_APP_PREFIX=unique_id, OUTBOX_TICK_INTERVAL="0.1", OUTBOX_LOCK_TIMEOUT="3",
     )
     collector = Collector(broker.port, f"{unique_id}/out/#", client_id=f"{unique_id}-collector")
@@ -205,17 +208,17 @@ def test_claims_of_a_killed_process_are_taken_over_after_the_lock_timeout(
         first.wait_log(r"subscribed to \d+ filter")
         os.kill(broker.pid, signal.SIGSTOP)  # type: ignore[arg-type]
         try:
-            asyncio.run(_write_outbox_rows(url, unique_id, 50))
-            wait_for(lambda: _rows_sync(url, f"SELECT COUNT(*) FROM outbox WHERE status = '{PROCESSING}' "
+            asyncio.run(_write_outbox_rows(url, unique_id, 50, outbox))
+            wait_for(lambda: _rows_sync(url, f"SELECT COUNT(*) FROM {outbox} WHERE status = '{PROCESSING}' "
                                              f"AND locked_by LIKE '%/{first.pid}/%'")[0][0] == 50,
                      "process A to claim all 50 rows", 30)
             first.kill()
         finally:
             os.kill(broker.pid, signal.SIGCONT)  # type: ignore[arg-type]
         second = AppProcess(tmp_path / "b.log", {**env, "MQTT_CLIENT_ID": f"{unique_id}-b"})
-        wait_for(lambda: _rows_sync(url, f"SELECT COUNT(*) FROM outbox WHERE status = '{PUBLISHED}'")[0][0] == 50,
+        wait_for(lambda: _rows_sync(url, f"SELECT COUNT(*) FROM {outbox} WHERE status = '{PUBLISHED}'")[0][0] == 50,
                  "process B to publish the 50 rows", 40)
-        rows = _rows_sync(url, "SELECT locked_by, attempts FROM outbox")
+        rows = _rows_sync(url, f"SELECT locked_by, attempts FROM {outbox}")
         assert {locked_by.split("/")[1] for locked_by, _ in rows} == {str(second.pid)}
         assert {attempts for _, attempts in rows} == {2}  # A's claim, then B's takeover
         wait_for(lambda: set(collector.snapshot()) >= {f"{unique_id}/out/{n}" for n in range(50)},
@@ -225,11 +228,12 @@ def test_claims_of_a_killed_process_are_taken_over_after_the_lock_timeout(
         first.kill()
         if second is not None:
             second.stop()
+        asyncio.run(_drop(url, outbox, f"orders_{unique_id}"))
 
 
-async def _write_outbox_rows(url: str, prefix: str, count: int) -> None:
+async def _write_outbox_rows(url: str, prefix: str, count: int, table_name: str) -> None:
     db = Database(url)
-    table = outbox_table("outbox")
+    table = outbox_table(table_name)
     try:
         async with UnitOfWork(db, table) as tx:  # one commit: the other process claims them in one batch
             for n in range(count):
