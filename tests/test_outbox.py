@@ -6,6 +6,7 @@ tests/integration/test_outbox.py runs it against Mosquitto, Redis, PostgreSQL an
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -185,6 +186,39 @@ async def test_live_claims_are_left_alone_and_expired_ones_taken_over(db: Databa
     assert {(r.status, r.attempts) for r in rows} == {(PUBLISHED, 2)}
     assert all(r.locked_by != token and "/w1#" in r.locked_by for r in rows)
     assert second.counters.taken_over == 2
+
+
+class HeldPublisher(RecordingPublisher):
+    """Waits for `release` before each publish, like a broker slow to send its PUBACKs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def publish(self, topic: str, payload: Any = None, qos: int = 0, retain: bool = False, *,
+                      properties: Any = None) -> None:
+        await self.release.wait()
+        await super().publish(topic, payload, qos, retain, properties=properties)
+
+
+async def test_a_claim_is_renewed_while_its_publish_outlasts_the_lock_timeout(db: Database, tmp_path: Path) -> None:
+    table = await _table(db)
+    settings = _settings(tmp_path, OUTBOX_LOCK_TIMEOUT="1")
+    slow = HeldPublisher()
+    first = OutboxProcessor(db, table, settings, slow, "w0")
+    second_publisher = RecordingPublisher()
+    second = OutboxProcessor(db, table, settings, second_publisher, "w1")
+    async with UnitOfWork(db, table) as tx:
+        tx.publish("out/1", 1)
+    publishing = asyncio.create_task(first.process_once())
+    for _ in range(10):  # 2.5 s: two and a half lock timeouts while the first waits for its PUBACK
+        await asyncio.sleep(0.25)
+        assert await second.process_once() == 0, "a live claim was taken over"
+    slow.release.set()
+    assert await publishing == 1
+    [row] = await _all(db, table)
+    assert (row.status, row.attempts) == (PUBLISHED, 1) and "/w0#" in row.locked_by
+    assert [t for t, *_ in slow.published] == ["out/1"] and second_publisher.published == []
 
 
 async def test_mqtt_rows_wait_while_the_broker_is_away(db: Database, tmp_path: Path) -> None:
