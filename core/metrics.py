@@ -49,7 +49,8 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 )
 
 RATE_WINDOW = 10.0  # seconds of samples behind the rates shown on the status page
-_COUNTER_KEYS = ("received", "handled", "failed", "dead_lettered", "unrouted", "responses", "dropped_on_shutdown")
+_COUNTER_KEYS = ("received", "handled", "failed", "dead_lettered", "unrouted", "responses", "dropped_on_shutdown",
+                 "rate_limit_redis_errors")
 _ROUTE_KEYS = ("handled", "failed", "dead_lettered", "seconds")
 BACKLOG_INTERVAL = 5.0  # seconds between two measurements of a backlog (a query each, never per message)
 # Counters of the Redis Streams consumers (per stream) and of the outbox processor, as exported.
@@ -95,9 +96,9 @@ class LatencyHistogram:
         }
 
 
-def rate_limit_counters(runtime: "Runtime") -> dict[str, dict[str, int]]:
-    """{route pattern: {action: messages over the limit}} from the RateLimit middleware of the routes."""
-    out: dict[str, dict[str, int]] = {}
+def _rate_limit_counters(runtime: "Runtime") -> list[dict[str, Any]]:
+    """`counters()` of each RateLimit middleware of the routes, once per middleware object."""
+    out: list[dict[str, Any]] = []
     seen: set[int] = set()
     for route in runtime.table.routes:
         for mw in route.middleware:
@@ -105,10 +106,22 @@ def rate_limit_counters(runtime: "Runtime") -> dict[str, dict[str, int]]:
             if counters is None or id(mw) in seen or type(mw).__name__ != "RateLimit":
                 continue
             seen.add(id(mw))
-            data = counters()
-            for pattern, count in data["limited"].items():
-                out.setdefault(pattern, {})[data["action"]] = out.get(pattern, {}).get(data["action"], 0) + count
+            out.append(counters())
     return out
+
+
+def rate_limit_counters(runtime: "Runtime") -> dict[str, dict[str, int]]:
+    """{route pattern: {action: messages over the limit}} from the RateLimit middleware of the routes."""
+    out: dict[str, dict[str, int]] = {}
+    for data in _rate_limit_counters(runtime):
+        for pattern, count in data["limited"].items():
+            out.setdefault(pattern, {})[data["action"]] = out.get(pattern, {}).get(data["action"], 0) + count
+    return out
+
+
+def rate_limit_redis_errors(runtime: "Runtime") -> int:
+    """Messages the Redis rate limits of the routes could not check (Redis unreachable or too slow)."""
+    return sum(int(data.get("redis_errors", 0)) for data in _rate_limit_counters(runtime))
 
 
 class MetricsHook:
@@ -127,6 +140,7 @@ class MetricsHook:
             "connects": state.connects, "disconnects": state.disconnects,
         }
         stats.extensions["rate_limited"] = lambda: rate_limit_counters(runtime)
+        stats.extensions["rate_limit_redis_errors"] = lambda: rate_limit_redis_errors(runtime)
 
     async def stop(self, runtime: "Runtime") -> None:
         return None
@@ -498,6 +512,8 @@ def build_metric_families(view: SystemView, prefix: str = "mqtt_app") -> list[An
     received = counter("messages_received", "MQTT messages delivered to the process", ["worker"])
     unrouted = counter("messages_unrouted", "Messages that matched no route (dead-lettered)", ["worker"])
     responses = counter("responses", "Handler results published to a response topic", ["worker"])
+    redis_errors = counter("rate_limit_redis_errors", "Messages a Redis RateLimit could not check because Redis "
+                           "was unreachable (let through, or dead-lettered with on_redis_error='reject')", ["worker"])
     reconnects = counter("mqtt_reconnects", "MQTT reconnections after the first connection", ["worker"])
     inflight = gauge("inflight", "Messages being handled right now", ["worker"])
     connected = gauge("mqtt_connected", "1 while the process's MQTT connection is up", ["worker"])
@@ -511,6 +527,7 @@ def build_metric_families(view: SystemView, prefix: str = "mqtt_app") -> list[An
         received.add_metric([w], cumulative.get("received", 0))
         unrouted.add_metric([w], cumulative.get("unrouted", 0))
         responses.add_metric([w], cumulative.get("responses", 0))
+        redis_errors.add_metric([w], cumulative.get("rate_limit_redis_errors", 0))
         reconnects.add_metric([w], cumulative.get("reconnects", 0))
         inflight.add_metric([w], (info.stats or {}).get("inflight", 0))
         if info.role != "supervisor":

@@ -82,3 +82,35 @@ async def test_backlog_task_publishes_measurements_of_several_owners_and_drops_f
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     assert stats.snapshot()["backlog"] == {}
+
+
+def test_rate_limit_redis_errors_are_counted_per_process_and_kept_across_restarts() -> None:
+    source = Source()
+    aggregator = Aggregator(source)
+
+    def worker(pid: int, errors: int) -> ProcessInfo:
+        return ProcessInfo("w0", "worker", pid, "running", True, True,
+                           stats={"received": 0, "routes": {}, "rate_limit_redis_errors": errors})
+
+    source.processes = [worker(100, 4)]
+    assert _scrape(aggregator)[("mqtt_app_rate_limit_redis_errors_total", (("worker", "w0"),))] == 4
+    source.processes = [worker(200, 1)]  # restarted: counting from zero again
+    assert _scrape(aggregator)[("mqtt_app_rate_limit_redis_errors_total", (("worker", "w0"),))] == 5
+
+
+def test_rate_limit_redis_errors_are_read_once_per_limiter() -> None:
+    from types import SimpleNamespace
+
+    from core.metrics import rate_limit_redis_errors
+
+    class RateLimit:  # stands in for core.rate_limit.RateLimit: only `counters()` is read
+        def __init__(self, errors: int) -> None:
+            self.errors = errors
+
+        def counters(self) -> dict[str, Any]:
+            return {"action": "dead_letter", "limited": {}, "redis_errors": self.errors}
+
+    shared, own = RateLimit(3), RateLimit(2)
+    routes = [SimpleNamespace(middleware=[shared]), SimpleNamespace(middleware=[shared, own])]
+    runtime: Any = SimpleNamespace(table=SimpleNamespace(routes=routes))
+    assert rate_limit_redis_errors(runtime) == 5  # the group's limiter counted once, not per route
