@@ -98,16 +98,23 @@ def test_two_processes_5000_transactions_published_exactly_once(
         asyncio.run(_drop(url, outbox, orders))
 
 
-@pytest_asyncio.fixture
-async def sqlite_runtime(mosquitto: MosquittoServer, unique_id: str, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+@pytest_asyncio.fixture(params=["sqlite", "postgresql", "mariadb"])
+async def db_runtime(request: pytest.FixtureRequest, mosquitto: MosquittoServer, unique_id: str,
+                     tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """`await db_runtime(router)`: a started Runtime with the database feature on each backend.
+
+    Its outbox table is `ob_<unique id>` (`runtime.settings.outbox_table`); that and the test's
+    `orders_<unique id>` are dropped afterwards.
+    """
+    url = _url(request.param, tmp_path)
+    outbox = f"ob_{unique_id}"
     runtimes: list[Any] = []
 
     async def start(router: Router, port: int | None = None, **env: str) -> Any:
         settings = load_settings({
             "MQTT_BROKER": mosquitto.host, "MQTT_PORT": str(port or mosquitto.port),
             "MQTT_CLIENT_ID": f"{unique_id}-{len(runtimes)}", "MQTT_RECONNECT_MIN": "0.1", "MQTT_RECONNECT_MAX": "0.5",
-            "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'app.db'}", "OUTBOX_TICK_INTERVAL": "0.2",
-            "SHUTDOWN_TIMEOUT": "5", **env,
+            "DATABASE_URL": url, "OUTBOX_TABLE": outbox, "OUTBOX_TICK_INTERVAL": "0.2", "SHUTDOWN_TIMEOUT": "5", **env,
         })
         app = Application.load(settings, router)
         runtime = app.make_runtime(app.routes)
@@ -120,11 +127,13 @@ async def sqlite_runtime(mosquitto: MosquittoServer, unique_id: str, tmp_path: P
     for runtime in runtimes:
         if not runtime._stopping:
             await runtime.stop()
+    await _drop(url, outbox, f"orders_{unique_id}")
 
 
 async def test_handler_raising_after_publish_publishes_nothing(
-        sqlite_runtime: Callable[..., Any], mosquitto: MosquittoServer, unique_id: str) -> None:
-    orders = Table(f"orders_{unique_id}", MetaData(), Column("n", Integer, primary_key=True))
+        db_runtime: Callable[..., Any], mosquitto: MosquittoServer, unique_id: str) -> None:
+    # Not AUTO_INCREMENT: MySQL/MariaDB would store an inserted 0 as the next id.
+    orders = Table(f"orders_{unique_id}", MetaData(), Column("n", Integer, primary_key=True, autoincrement=False))
 
     async def place(n: str, context: Any) -> None:
         async with context.transaction() as tx:
@@ -136,7 +145,7 @@ async def test_handler_raising_after_publish_publishes_nothing(
     router = Router()
     router.on(f"{unique_id}/in/{{n}}", place, qos=1)
     collector = Collector(mosquitto.port, f"{unique_id}/out/#", client_id=f"{unique_id}-collector")
-    runtime = await sqlite_runtime(router)
+    runtime = await db_runtime(router)
     database = runtime.services.extras["database"]
     async with database.engine.begin() as conn:
         await conn.run_sync(orders.metadata.create_all)
@@ -146,7 +155,7 @@ async def test_handler_raising_after_publish_publishes_nothing(
         await _until(lambda: len(collector.snapshot()) >= 20 and runtime.stats.dead_lettered >= 20, "20 published, 20 failed")
         async with database.engine.connect() as conn:
             stored = sorted(n for (n,) in await conn.execute(select(orders.c.n)))
-            outbox_rows = (await conn.execute(text("SELECT COUNT(*) FROM outbox"))).scalar()
+            outbox_rows = (await conn.execute(text(f"SELECT COUNT(*) FROM {runtime.settings.outbox_table}"))).scalar()
         assert stored == list(range(0, 40, 2))
         assert outbox_rows == 20
         await asyncio.sleep(0.5)  # give a stray publish the chance to show up (the check is the line below)
@@ -157,10 +166,10 @@ async def test_handler_raising_after_publish_publishes_nothing(
 
 
 async def test_broker_down_for_seconds_everything_published_after_it_returns(
-        sqlite_runtime: Callable[..., Any], mosquitto_factory: Callable[..., MosquittoServer], unique_id: str) -> None:
+        db_runtime: Callable[..., Any], mosquitto_factory: Callable[..., MosquittoServer], unique_id: str) -> None:
     broker = mosquitto_factory(persistence=True)
     collector = Collector(broker.port, f"{unique_id}/out/#", client_id=f"{unique_id}-collector", persistent=True)
-    runtime = await sqlite_runtime(Router(), port=broker.port)
+    runtime = await db_runtime(Router(), port=broker.port)
     factory = runtime.services.transaction_factory
     try:
         await asyncio.to_thread(broker.stop)
@@ -175,7 +184,7 @@ async def test_broker_down_for_seconds_everything_published_after_it_returns(
 
         async def statuses() -> list[Any]:
             async with database.engine.connect() as conn:
-                return list(await conn.execute(text("SELECT status, attempts FROM outbox")))
+                return list(await conn.execute(text(f"SELECT status, attempts FROM {runtime.settings.outbox_table}")))
 
         deadline = time.monotonic() + 20
         while {status for status, _ in await statuses()} != {PUBLISHED} and time.monotonic() < deadline:
