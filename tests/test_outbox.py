@@ -305,11 +305,17 @@ async def _make_due(db: Database, table: Table) -> None:
         await conn.execute(update(table).values(next_attempt_at=utcnow()))
 
 
-async def test_stream_rows_are_not_claimed_while_redis_is_unreachable(db: Database, tmp_path: Path) -> None:
+async def _stream_processor(db: Database, tmp_path: Path) -> tuple[Table, "FakeRedis", OutboxProcessor]:
+    """A processor that publishes stream rows to a FakeRedis; a single attempt before ABANDONED."""
     table = await _table(db)
     redis = FakeRedis()
     processor = OutboxProcessor(db, table, _settings(tmp_path, OUTBOX_MAX_ATTEMPTS="1"), RecordingPublisher(),
                                 redis_getter=lambda: redis)
+    return table, redis, processor
+
+
+async def test_stream_rows_are_not_claimed_while_redis_is_unreachable(db: Database, tmp_path: Path) -> None:
+    table, redis, processor = await _stream_processor(db, tmp_path)
     async with UnitOfWork(db, table, redis_enabled=True) as tx:
         tx.publish_stream("orders", {"n": 1})
         tx.publish("out/1", 1)
@@ -338,10 +344,7 @@ async def test_stream_rows_are_not_claimed_while_redis_is_unreachable(db: Databa
 async def test_transient_redis_replies_hold_stream_rows_without_spending_attempts(db: Database, tmp_path: Path) -> None:
     from redis.exceptions import OutOfMemoryError, ResponseError
 
-    table = await _table(db)
-    redis = FakeRedis()
-    processor = OutboxProcessor(db, table, _settings(tmp_path, OUTBOX_MAX_ATTEMPTS="1"), RecordingPublisher(),
-                                redis_getter=lambda: redis)
+    table, redis, processor = await _stream_processor(db, tmp_path)
     async with UnitOfWork(db, table, redis_enabled=True) as tx:
         tx.publish_stream("orders", {"n": 1})
     for reply in (OutOfMemoryError("command not allowed when used memory > 'maxmemory'.", status_code="OOM"),
