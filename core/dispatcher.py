@@ -13,7 +13,7 @@ import logging
 import time
 from concurrent.futures import Executor
 from functools import partial
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Collection
 
 from core.acks import AckSequencer, AckTicket
 from core.config import Settings
@@ -116,6 +116,11 @@ class Dispatcher:
     @property
     def inflight(self) -> int:
         return len(self._tasks)
+
+    @property
+    def running(self) -> Collection[asyncio.Task[None]]:
+        """The tasks of the messages in flight (to look at, e.g. for the oldest one)."""
+        return self._tasks
 
     def submit(self, message: Any, generation: int) -> None:
         """Start handling one delivered paho message."""

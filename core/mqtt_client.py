@@ -171,20 +171,17 @@ class MqttClient:
         if not self._commands_wake_pending:
             self._commands_wake_pending = True
             self._wake.set()
-            try:
-                self._wake_w.send(b"\0")
-            except OSError:
-                pass  # pipe full: the network thread is awake anyway
+            self.wake()
 
     def wake(self) -> None:
-        """Make the network thread look again at `may_read` (any thread)."""
+        """Wake the network thread: to run queued commands, or to look again at `may_read` (any thread)."""
         try:
             self._wake_w.send(b"\0")
         except OSError:
             pass  # pipe full: the network thread is awake anyway
 
-    def run_commands(self) -> None:
-        """Run queued commands (network thread only; also called while it waits for room)."""
+    def _run_commands(self) -> None:
+        """Run queued commands (network thread only)."""
         self._commands_wake_pending = False
         commands = self._commands
         while commands:
@@ -278,7 +275,7 @@ class MqttClient:
                         paho.error_string(rc), delay)
             attempt += 1
             self._sleep_running_commands(delay)
-        self.run_commands()
+        self._run_commands()
 
     def _io_loop(self) -> int:
         """Serve one connection until it drops or we stop; returns paho's error code.
@@ -296,7 +293,7 @@ class MqttClient:
             if sock is None:
                 return paho.MQTT_ERR_NO_CONN
             if self._commands:
-                self.run_commands()
+                self._run_commands()
             # Backpressure: while the application has no room, leave what the broker sends in the
             # socket (TCP flow control holds the broker back) but keep writing acks and pings, and
             # read while a PINGREQ waits for its answer: paho drops a connection whose PINGRESP
@@ -322,7 +319,7 @@ class MqttClient:
                 if rc != paho.MQTT_ERR_SUCCESS:
                     return rc
             if self._commands:
-                self.run_commands()
+                self._run_commands()
             if p.want_write() or sock in writable:
                 rc = p.loop_write()
                 if rc != paho.MQTT_ERR_SUCCESS:
@@ -354,7 +351,7 @@ class MqttClient:
         deadline = time.monotonic() + delay
         while not self._stopping and not self._closing:
             self._wake.clear()
-            self.run_commands()
+            self._run_commands()
             left = deadline - time.monotonic()
             if left <= 0:
                 return

@@ -350,5 +350,6 @@ async def _tick(runtime: "Runtime", settings: Any, link: _Link, stopper: _Stoppe
             stats = runtime.stats.snapshot()
             stats["inflight"] = runtime.dispatcher.inflight
             link.send({"type": "hb", "stats": stats, "rss": rss, "cpu": proc.cpu_percent(None),
-                       "connected": runtime.client.state.connected, "oldest": watch.oldest(runtime.dispatcher._tasks, time.monotonic())})
+                       "connected": runtime.client.state.connected,
+                       "oldest": watch.oldest(runtime.dispatcher.running, time.monotonic())})
         await asyncio.sleep(min(0.05, interval))
