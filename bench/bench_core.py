@@ -65,7 +65,7 @@ from bench.raw_clients import (
 from core.config import load_settings
 from core.router import Router
 from core.runtime import Runtime
-from tests.support.servers import MosquittoServer
+from tests.support.servers import MOSQUITTO_BIN, MosquittoServer
 
 MB = 1024 * 1024
 
@@ -312,7 +312,7 @@ def format_table(runs: Runs) -> str:
 
 
 def _mosquitto_version() -> str:
-    out = subprocess.run([os.environ.get("MOSQUITTO_BIN", "/usr/sbin/mosquitto"), "-h"], capture_output=True, text=True)
+    out = subprocess.run([MOSQUITTO_BIN, "-h"], capture_output=True, text=True)
     text = out.stdout or out.stderr
     return text.splitlines()[0] if text else "mosquitto"
 

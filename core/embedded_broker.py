@@ -395,8 +395,28 @@ def _keeps_offline_messages(session: Session, qos: int | None) -> bool:
     return not session.clean_session and qos in (QOS_1, QOS_2) and not session.is_anonymous
 
 
+class _BareConnectionFilter(logging.Filter):
+    """A connection closed before its first packet (a port check, a TCP health probe) is no error:
+    amqtt logs it at ERROR and WARNING; log it at DEBUG instead."""
+
+    _MARK = "No data to decode MQTT packet fixed header"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and self._MARK in record.getMessage():
+            if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+                return False
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+_BARE_CONNECTIONS = _BareConnectionFilter()
+
+
 def _quiet_amqtt_logs() -> None:
     """amqtt logs every connection at INFO; keep it to warnings unless debugging."""
+    broker_log = logging.getLogger("amqtt.broker")
+    if _BARE_CONNECTIONS not in broker_log.filters:
+        broker_log.addFilter(_BARE_CONNECTIONS)
     if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
         return
     for name in ("amqtt", "transitions"):

@@ -874,7 +874,7 @@ async def _end_session_311(settings: Settings, client_id: str) -> None:
     from core.mqtt_client import MqttClient
 
     client = MqttClient(settings, client_id, lambda message, generation: None, subscriptions=[],
-                        clean_start=True, session_expiry=0, name=f"mqtt[{client_id}-end]")
+                        clean_start=True, session_expiry=0, name=f"mqtt[{client_id}-end]", quiet=True)
     client.start(asyncio.get_running_loop())
     if not await client.wait_subscribed(30):
         log.warning("could not reconnect as %s to end its session", client_id)

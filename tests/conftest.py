@@ -7,7 +7,6 @@ the pure tests.
 
 from __future__ import annotations
 
-import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from tests.support.servers import (  # noqa: E402
     REDIS_BIN,
     MosquittoServer,
     RedisServer,
+    require_server_binary,
 )
 
 SERVER_FIXTURES = {
@@ -48,8 +48,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _require(binary: str) -> None:
-    if not os.access(binary, os.X_OK):
-        pytest.skip(f"{binary} is not installed")
+    if binary == MOSQUITTO_BIN:
+        require_server_binary(binary, "mosquitto", "MOSQUITTO_BIN")
+    else:
+        require_server_binary(binary, "redis-server", "REDIS_SERVER_BIN")
 
 
 @pytest.fixture(scope="session")

@@ -207,3 +207,22 @@ async def test_test_mode_exits_0_when_idle(mosquitto: Any, unique_id: str) -> No
     assert result.returncode == 0, result.stderr
     assert "test mode: no message" in result.stderr
     assert "DEBUG" in result.stderr  # --debug overrides LOG_LEVEL
+
+
+async def test_embedded_broker_start_and_bare_connections_log_at_debug(app_processes: list[AppProcess]) -> None:
+    """Former-worker-session probes at each start, and connections that close before sending a packet (the
+    `publish` command's port check, a TCP health check), are not worth an INFO line, let alone an ERROR."""
+    port = free_port()
+    app = AppProcess(base_env(EMBEDDED_BROKER_PORT=str(port), MQTT_SESSION_EXPIRY="0", APP_NAME="cli-quiet"), "--debug")
+    app_processes.append(app.start())
+    await app.wait_ready()
+    await app.wait_output("-w2-end]: disconnected")  # the last probe of a former worker session
+    with socket.create_connection(("127.0.0.1", port)):
+        pass  # connect and close without a byte, as a port check does
+    await app.wait_output("No data to decode MQTT packet fixed header")
+    app.signal(signal.SIGTERM)
+    assert await app.wait_exit() == 0
+    noted = [line for line in app.output().splitlines()
+             if "-end]" in line or "No data" in line or "Failed to initialize client session" in line]
+    assert noted
+    assert [line for line in noted if line.split()[2] != "DEBUG"] == []
