@@ -96,20 +96,7 @@ class Dispatcher:
         return build_chain(route.middleware, self._make_handler_call(route))
 
     def _make_handler_call(self, route: Route) -> CallNext:
-        spec = route.handler
-        fn = spec.fn
-        arguments = spec.arguments
-        if spec.is_async:
-            async def call_async(context: MessageContext) -> Any:
-                return await fn(**arguments(context))
-
-            return call_async
-        executor = self._executor
-
-        def call_sync(context: MessageContext) -> Awaitable[Any]:
-            return asyncio.get_running_loop().run_in_executor(executor, partial(fn, **arguments(context)))
-
-        return call_sync
+        return handler_call(route, self._executor)
 
     # -- intake (loop thread) ---------------------------------------------------------------------
 
@@ -321,6 +308,24 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(*left, return_exceptions=True)
             return False
+
+
+def handler_call(route: Route, executor: Executor | None) -> CallNext:
+    """The innermost step of a route's chain: call its handler with the arguments it asks for
+    (a plain function runs in `executor`; None is the loop's default executor)."""
+    spec = route.handler
+    fn = spec.fn
+    arguments = spec.arguments
+    if spec.is_async:
+        async def call_async(context: MessageContext) -> Any:
+            return await fn(**arguments(context))
+
+        return call_async
+
+    def call_sync(context: MessageContext) -> Awaitable[Any]:
+        return asyncio.get_running_loop().run_in_executor(executor, partial(fn, **arguments(context)))
+
+    return call_sync
 
 
 def dead_letter_matcher(template: str) -> Callable[[str], bool]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import keyword
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from core.handler import RESERVED_ARGUMENTS, HandlerSpec
@@ -148,7 +148,9 @@ class Route:
 
     pattern: str
     handler: HandlerSpec
-    compiled: CompiledPattern
+    # Keyword-only, so `Route(pattern, handler, qos, ...)` reads as in RouteMQ; left out, it is compiled
+    # (with every check of `Router.on`) in __post_init__.
+    compiled: CompiledPattern = field(default=None, kw_only=True)  # type: ignore[assignment]
     qos: int = 0
     shared: bool = False
     worker_count: int = 1
@@ -161,9 +163,25 @@ class Route:
     options: dict[str, Any] = field(default_factory=dict)
     subscribe: bool = True  # False: a consumer of a Redis stream only (`Router.stream`), no MQTT subscription
 
+    def __post_init__(self) -> None:
+        if self.compiled is None:  # written by hand, `Route(pattern, handler)`: build it as a router would
+            module = sys._getframe(2).f_globals.get("__name__", "?")
+            built = Router()._add(
+                self.pattern, self.handler, module, qos=self.qos, shared=self.shared, worker_count=self.worker_count,
+                middleware=self.middleware, payload_format=self.payload_format, timeout=self.timeout,
+                stream=self.stream, name=self.name or None, options=self.options, subscribe=self.subscribe,
+            )
+            for f in fields(self):
+                setattr(self, f.name, getattr(built, f.name))
+
     @property
     def filter(self) -> str:
         return self.compiled.filter
+
+    @property
+    def topic(self) -> str:
+        """The pattern as registered, group prefix included (RouteMQ's name for `pattern`)."""
+        return self.pattern
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -174,7 +192,14 @@ class Route:
         return f"$share/{group}/{self.compiled.filter}" if self.shared else self.compiled.filter
 
     def match(self, topic: str) -> dict[str, str] | None:
+        """The route parameters of `topic`, or None if this route's filter does not match it."""
         return self.compiled.extract(topic.split("/"))
+
+    matches = match  # RouteMQ's name
+
+    def get_subscription_topic(self, group_name: str | None = None) -> str:
+        """RouteMQ's name for `subscription_topic`; without a group, the MQTT filter itself."""
+        return self.subscription_topic(group_name) if group_name else self.compiled.filter
 
     def describe(self) -> str:
         return f"route {self.pattern!r} (registered in {self.module})"
@@ -278,6 +303,13 @@ class Router:
                 payload_format=route.payload_format, timeout=route.timeout, stream=route.stream,
                 name=route.name, options=dict(route.options), subscribe=route.subscribe,
             )
+
+    async def dispatch(self, topic: str, payload: Any, client: Any) -> Any:
+        """Run the routes matching `topic` now, without a broker: each handler gets its route parameters,
+        `payload` and `client` as keywords (RouteMQ's worker API; see `core.direct_dispatch`)."""
+        from core.direct_dispatch import dispatch  # late: it imports the dispatcher, which imports this module
+
+        return await dispatch(self.routes, topic, payload, client)
 
     def __enter__(self) -> "Router":
         return self
