@@ -61,7 +61,8 @@ def load_routes(settings: Settings) -> list[Route]:
 
 
 def routes_command(settings: Settings) -> int:
-    """`python main.py routes`: print the route table; exit code 0, or 2 on a route or discovery error."""
+    """`python main.py routes`: print the active profile and the route table; exit code 0, or 2 on a route
+    or discovery error."""
     from bootstrap.app import DiscoveryError
 
     try:
@@ -69,7 +70,10 @@ def routes_command(settings: Settings) -> int:
     except (RouteError, DiscoveryError) as exc:
         print(f"route error: {exc}", file=sys.stderr)
         return 2
+    from core.profiles import describe_profile
+
     print(format_route_table(routes, settings))
+    print(describe_profile(settings))
     return 0
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
+from core.profiles import PROFILES, apply_profile
+
 T = TypeVar("T")
 
 
@@ -137,6 +139,9 @@ class Settings:
     worker_max_memory_mb: int = 0
     stats_interval: float = 30.0
     test_mode_idle: float = 5.0
+    # The preset in effect (PROFILE, core/profiles.py) and which of its settings were set explicitly.
+    profile: str | None = None
+    profile_explicit: tuple[str, ...] = ()
     # Logging.
     log_level: str = "INFO"
     log_format: str = "text"
@@ -201,6 +206,8 @@ def _get(env: Mapping[str, str], name: str, default: T, parse: Callable[[str, st
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Build validated settings from a mapping of environment variables."""
     d = Settings()
+    profile = _get(env, "PROFILE", None, lambda n, r: parse_choice(n, r, tuple(PROFILES)))
+    env, profile_explicit = apply_profile(env, profile)
     pos_int = lambda n, r: parse_int(n, r, minimum=1)  # noqa: E731
     nonneg_int = lambda n, r: parse_int(n, r, minimum=0)  # noqa: E731
     nonneg_float = lambda n, r: parse_float(n, r, minimum=0)  # noqa: E731
@@ -258,6 +265,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         worker_max_memory_mb=_get(env, "WORKER_MAX_MEMORY_MB", d.worker_max_memory_mb, nonneg_int),
         stats_interval=_get(env, "STATS_INTERVAL", d.stats_interval, pos_float),
         test_mode_idle=_get(env, "TEST_MODE_IDLE", d.test_mode_idle, pos_float),
+        profile=profile,
+        profile_explicit=profile_explicit,
         log_level=log_level,
         log_format=_get(env, "LOG_FORMAT", d.log_format, lambda n, r: parse_choice(n, r, ("text", "json"))),
         http_port=_get(env, "HTTP_PORT", d.http_port, lambda n, r: parse_int(n, r, minimum=0, maximum=65535)),

@@ -38,6 +38,7 @@ def status_data(view: "SystemView", readiness: dict[str, Any], settings: "Settin
     connected = [p for p in processes if p["role"] != "supervisor"]
     return {
         "app": settings.app_name,
+        "profile": {"name": settings.profile, "explicit": list(settings.profile_explicit)},
         "mode": sample.mode,
         "pid": sample.pid,
         "uptime": round(sample.uptime, 1),
@@ -81,7 +82,8 @@ def render_fragment(data: dict[str, Any]) -> str:
     parts = [
         f'<section class="summary" data-ready="{str(data["ready"]).lower()}">',
         f'<p><span class="badge {"ok" if data["ready"] else "bad"}" id="ready">{ready}</span> '
-        f'{_e(data["mode"])} mode, {"supervisor " if data["mode"] == "workers" else ""}pid {_e(data["pid"])}, up {_e(_uptime(data["uptime"]))}</p>',
+        f'{_e(data["mode"])} mode, {"supervisor " if data["mode"] == "workers" else ""}pid {_e(data["pid"])}, up {_e(_uptime(data["uptime"]))}'
+        f', profile <span id="profile">{_e(data["profile"]["name"] or "none")}</span></p>',
         f'<p id="broker">Broker {_e(broker["host"])}:{_e(broker["port"])}'
         f'{" (embedded)" if broker["embedded"] else ""}: '
         f'<b>{broker["connected"]} of {broker["clients"]}</b> connection(s) up</p>',
