@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable, Collection
 from core.acks import AckSequencer, AckTicket
 from core.config import Settings
 from core.context import MessageContext, Services
+from core.events import record_dead_letter
 from core.middleware import CallNext, build_chain
 from core.payload import PayloadError, decode_payload
 from core.router import Route, RouteTable
@@ -269,6 +270,7 @@ class Dispatcher:
         if endpoint is not None:
             endpoint.stats.dead_lettered += 1
         route = endpoint.pattern if endpoint is not None else ""
+        record_dead_letter(topic, route, error_type, error)
         if self._is_dead_letter_topic(topic):
             log.error("message on dead-letter topic %r failed again (%s: %s); not dead-lettering it twice", topic,
                       error_type, error)

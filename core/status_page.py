@@ -9,11 +9,18 @@ HTML-escaped. `status_data` is also what `/status.json` returns.
 from __future__ import annotations
 
 import html
+import time
 from typing import TYPE_CHECKING, Any
+
+from core.events import recent_dead_letters, recent_events
 
 if TYPE_CHECKING:
     from core.config import Settings
     from core.metrics import SystemView
+
+
+DEAD_LETTERS_SHOWN = 20
+EVENTS_SHOWN = 30
 
 
 def status_data(view: "SystemView", readiness: dict[str, Any], settings: "Settings") -> dict[str, Any]:
@@ -54,6 +61,8 @@ def status_data(view: "SystemView", readiness: dict[str, Any], settings: "Settin
         "routes": routes,
         "totals": {k: int(view.totals.get(k, 0)) for k in ("received", "handled", "failed", "dead_lettered", "unrouted")},
         "backlog": dict(view.backlog),
+        "dead_letters": recent_dead_letters(DEAD_LETTERS_SHOWN),
+        "events": recent_events(EVENTS_SHOWN),
     }
 
 
@@ -72,6 +81,40 @@ def _uptime(seconds: float) -> str:
     if s < 7200:
         return f"{s // 60} min"
     return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def _clock(epoch: float) -> str:
+    """UTC wall-clock time, the same on every viewer's screen."""
+    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    return f'<time datetime="{iso}" title="{iso}">{time.strftime("%H:%M:%S", time.gmtime(epoch))}</time>'
+
+
+def _feeds(data: dict[str, Any]) -> list[str]:
+    """The recent dead letters and the events feed (newest first)."""
+    parts = ["<h2>Recent dead letters</h2>"]
+    if data["dead_letters"]:
+        parts.append('<table id="dead-letters"><thead><tr><th>time (UTC)</th><th>topic</th><th>route</th>'
+                     "<th>error</th><th>process</th></tr></thead><tbody>")
+        for d in data["dead_letters"]:
+            parts.append(
+                f'<tr class="dead-letter"><td>{_clock(d["time"])}</td><td class="topic"><code>{_e(d["topic"])}</code></td>'
+                f'<td class="route"><code>{_e(d["route"] or "(no route)")}</code></td>'
+                f'<td class="error">{_e(d["error"])}</td><td class="source">{_e(d["source"] or "main")}</td></tr>'
+            )
+        parts.append("</tbody></table>")
+    else:
+        parts.append('<p id="dead-letters" class="meta">none since start</p>')
+    parts.append("<h2>Events</h2>")
+    if data["events"]:
+        parts.append('<ul id="events">')
+        for ev in data["events"]:
+            source = f' <span class="meta">{_e(ev["source"])}</span>' if ev["source"] else ""
+            parts.append(f'<li class="event" data-kind="{_e(ev["kind"])}">{_clock(ev["time"])} '
+                         f'<span class="tag">{_e(ev["kind"])}</span>{source} {_e(ev["text"])}</li>')
+        parts.append("</ul>")
+    else:
+        parts.append('<p id="events" class="meta">no autoscaling, adoption, restart or recycling events yet</p>')
+    return parts
 
 
 def render_fragment(data: dict[str, Any]) -> str:
@@ -127,6 +170,7 @@ def render_fragment(data: dict[str, Any]) -> str:
         for name, value in sorted(data["backlog"].items()):
             parts.append(f'<tr data-backlog="{_e(name)}"><td>{_e(name)}</td><td>{_e(value)}</td></tr>')
         parts.append("</tbody></table>")
+    parts.extend(_feeds(data))
     if data["checks"]:
         items = "".join(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in sorted(data["checks"].items()))
         parts.append(f"<h2>Dependencies</h2><ul id=\"checks\">{items}</ul>")
@@ -138,7 +182,8 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;margin-bottom:1em}th,td{padding:.25em .6em;border-bottom:1px solid #ddd;text-align:right}
 th:first-child,td:first-child{text-align:left}.badge{padding:.1em .5em;border-radius:.3em;color:#fff}
 .badge.ok{background:#2a7}.badge.bad{background:#c33}td.bad{color:#c33}td.ok{color:#2a7}
-.meta{color:#888;font-size:12px}
+.meta{color:#888;font-size:12px}.tag{background:#eef;border-radius:.3em;padding:0 .4em;font-size:12px}
+td.error,td.topic{text-align:left}#events{list-style:none;padding:0}#events li{padding:.1em 0}
 """
 
 _SCRIPT = """

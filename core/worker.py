@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Collection, Sequence
 
 if TYPE_CHECKING:
+    from core.events import FeedCursor
     from core.router import Route
     from core.runtime import Runtime
 
@@ -189,7 +190,10 @@ async def _serve(spec: WorkerSpec, conn: Connection, early: list[int]) -> int:
     runtime = app.make_runtime(shared, client_id=client_id, worker_id=spec.worker_id)
     stale = serve_only(runtime, mine, group)
 
-    ticker = asyncio.create_task(_tick(runtime, settings, link, stopper))
+    from core.events import FeedCursor
+
+    feeds = FeedCursor()  # events and dead letters not yet sent to the supervisor
+    ticker = asyncio.create_task(_tick(runtime, settings, link, stopper, feeds))
     background: list[asyncio.Task[Any]] = []
     started = False
     try:
@@ -214,7 +218,8 @@ async def _serve(spec: WorkerSpec, conn: Connection, early: list[int]) -> int:
         clean = await runtime.stop() if started else True
     finally:
         ticker.cancel()
-    link.send({"type": "bye", "clean": clean, "stats": runtime.stats.snapshot(), "reason": stopper.reason})
+    link.send({"type": "bye", "clean": clean, "stats": runtime.stats.snapshot(), "reason": stopper.reason,
+               **feeds.take()})
     link.close()
     if not clean:
         return EXIT_FAILED
@@ -319,7 +324,7 @@ def recycle_reason(received: int, rss: int | None, max_messages: int, max_memory
     return None
 
 
-async def _tick(runtime: "Runtime", settings: Any, link: _Link, stopper: _Stopper) -> None:
+async def _tick(runtime: "Runtime", settings: Any, link: _Link, stopper: _Stopper, feeds: "FeedCursor") -> None:
     """Heartbeats with stats, and the recycling limits, checked from the event loop."""
     import psutil
 
@@ -351,5 +356,5 @@ async def _tick(runtime: "Runtime", settings: Any, link: _Link, stopper: _Stoppe
             stats["inflight"] = runtime.dispatcher.inflight
             link.send({"type": "hb", "stats": stats, "rss": rss, "cpu": proc.cpu_percent(None),
                        "connected": runtime.client.state.connected,
-                       "oldest": watch.oldest(runtime.dispatcher.running, time.monotonic())})
+                       "oldest": watch.oldest(runtime.dispatcher.running, time.monotonic()), **feeds.take()})
         await asyncio.sleep(min(0.05, interval))

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 from core.backoff import backoff_delay
 from core.config import SETTING_NAMES, Settings, load_settings
+from core.events import ingest_from_worker, record_event
 from core.router import Router
 from core.worker import EXIT_RECYCLE, WorkerSpec, client_id_for, leave_stale, serve_only, worker_main
 
@@ -401,6 +402,7 @@ class WorkerManager:
             proc.cpu = float(message.get("cpu") or 0.0)
             proc.connected = bool(message.get("connected"))
             proc.oldest = message.get("oldest")
+            ingest_from_worker(message, slot.worker_id)
         elif kind == "ready" and proc is slot.current:
             proc.ready = True
             proc.connected = True
@@ -422,6 +424,7 @@ class WorkerManager:
         elif kind == "bye":
             proc.clean = bool(message.get("clean"))
             proc.stats = message.get("stats") or proc.stats
+            ingest_from_worker(message, slot.worker_id)
 
     def _log_all_ready(self) -> None:
         if self._all_ready_logged or not all(s.current is not None and s.current.ready for s in self.slots):
@@ -492,6 +495,7 @@ class WorkerManager:
         if code == EXIT_RECYCLE:
             slot.recycles += 1
             log.info("worker %s (pid %d) recycled; handing its session to a fresh process", slot.worker_id, proc.pid)
+            record_event("recycle", f"worker {slot.worker_id} (pid {proc.pid}) recycled: {proc.recycling or 'limit reached'}")
             self._start_slot(slot)
             return
         if code == 0:
@@ -512,12 +516,14 @@ class WorkerManager:
             self._fatal = (f"worker {slot.worker_id} (client id {slot.client_id}) crashed {crashes} time(s) within "
                            f"{self.settings.worker_restart_window:g} s (WORKER_MAX_RESTARTS={limit}); last: {why}")
             log.error("%s; stopping everything", self._fatal)
+            record_event("crash loop", f"{self._fatal}; stopping everything")
             self.request_stop("crash loop")
             return
         delay = backoff_delay(crashes - 1, RESTART_BACKOFF_BASE, RESTART_BACKOFF_CAP, random.random)
         slot.restarts += 1
         log.error("worker %s (pid %d) died: %s; restarting it with the same client id in %.2f s (crash %d of at most %d within %g s)",
                   slot.worker_id, proc.pid, why, delay, crashes, limit, self.settings.worker_restart_window)
+        record_event("restart", f"worker {slot.worker_id} (pid {proc.pid}) died: {why}; restarting in {delay:.1f} s")
         self._schedule_restart(slot, delay)
 
     def _schedule_restart(self, slot: WorkerSlot, delay: float) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -114,4 +115,35 @@ def test_status_page_shows_live_numbers_in_chromium(mosquitto_factory: Any, app_
     assert sum(worker_rates) > 0
     worker_handled = [int(cell(second, "data-process", w, "handled")) for w in ("w0", "w1")]
     assert sum(worker_handled) == second_handled  # only this route ran in the workers: the numbers add up
+    assert app.stop() == 0
+
+
+def test_worker_dead_letters_and_restarts_reach_the_supervisors_page(mosquitto_factory: Any,  # noqa: F811
+                                                                      app_factory: Any, unique_id: str) -> None:
+    """Dead letters of a worker travel with its heartbeat; a restart is an event on the page."""
+    broker = mosquitto_factory()
+    app, url = app_factory(broker, "--workers", "2")
+    wait_until_sync(lambda: ready(url), f"/ready to answer 200\n{app.output}", 60)
+
+    def status() -> dict[str, Any]:
+        return json.loads(http_get(url + "/status.json")[1])
+
+    pub = Publisher(broker.host, broker.port, f"{unique_id}-pub")
+    try:
+        pub.publish("ops/bad7/data", {"value": "not a number"})  # a shared route: a worker dead-letters it
+    finally:
+        pub.close()
+    dead = wait_until_sync(lambda: [d for d in status()["dead_letters"] if d["topic"] == "ops/bad7/data"],
+                           "the worker's dead letter on the supervisor's page")
+    assert dead[0]["route"] == DATA_ROUTE and dead[0]["source"] in ("w0", "w1")
+    assert dead[0]["error"].startswith("PayloadValidationError: payload is not a valid Reading")
+
+    victim = {p["id"]: p for p in status()["processes"]}["w1"]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    restarts = wait_until_sync(lambda: [e for e in status()["events"] if e["kind"] == "restart"],
+                               "a restart event")
+    assert f"worker w1 (pid {victim}) died: killed by SIGKILL" in restarts[0]["text"]
+    wait_until_sync(lambda: ready(url), "the restarted worker", 60)
+    page = http_get(url + "/")[1]
+    assert 'data-kind="restart"' in page and "ops/bad7/data" in page
     assert app.stop() == 0
