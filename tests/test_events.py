@@ -93,7 +93,7 @@ def test_a_worker_sends_each_entry_once_and_the_supervisor_tags_it() -> None:
 
 def _data(**extra: Any) -> dict[str, Any]:
     return {
-        "ready": True, "reasons": [], "mode": "single", "pid": 1, "uptime": 3.0, "checks": {},
+        "ready": True, "reasons": [], "profile": {"name": None, "explicit": []}, "mode": "single", "pid": 1, "uptime": 3.0, "checks": {},
         "broker": {"host": "h", "port": 1, "embedded": False, "connected": 1, "clients": 1},
         "totals": dict.fromkeys(("received", "handled", "failed", "dead_lettered", "unrouted"), 0),
         "processes": [], "routes": [], "backlog": {}, "dead_letters": recent_dead_letters(), "events": recent_events(),
