@@ -16,6 +16,7 @@ commands:
   run (default)          serve the routes in app/routers
   routes                 print the route table
   publish TOPIC PAYLOAD  publish one message (for manual checks)
+  asyncapi               write an AsyncAPI 3.0 document of the routes (JSON or YAML)
 
 examples:
   python main.py                      # single process; embedded broker unless MQTT_BROKER is set
@@ -25,6 +26,7 @@ examples:
   python main.py --workers 4          # four worker processes, each subscribed to every shared route
   python main.py routes
   python main.py publish devices/42/status '{"state": "on"}' --qos 1
+  python main.py asyncapi --format yaml -o asyncapi.yaml
 
 Configuration comes from environment variables and .env; see .env.example and README.md.
 """
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="main.py", description="MQTT application framework: routes MQTT topics to controllers.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=HELP_EPILOG,
     )
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "routes", "publish"), help="what to do (default: run)")
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "routes", "publish", "asyncapi"), help="what to do (default: run)")
     parser.add_argument("args", nargs="*", help="for publish: TOPIC PAYLOAD")
     parser.add_argument("--workers", nargs="?", const=0, type=int, metavar="N",
                         help="run shared routes in N worker processes, each on every shared route (WORKER_COUNT also sets "
@@ -47,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--env-file", default=".env", help="dotenv file to read (default: .env; real environment wins)")
     parser.add_argument("--qos", type=int, default=0, choices=(0, 1, 2), help="for publish: QoS (default 0)")
     parser.add_argument("--retain", action="store_true", help="for publish: set the retain flag")
+    parser.add_argument("--format", dest="doc_format", default="json", choices=("json", "yaml"),
+                        help="for asyncapi: output format (default json)")
+    parser.add_argument("-o", "--output", metavar="FILE", help="for asyncapi: write to FILE instead of stdout")
+    parser.add_argument("--api-version", default="1.0.0", metavar="VERSION",
+                        help="for asyncapi: the document's info.version (default 1.0.0)")
     return parser
 
 
@@ -80,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from core.cli_tools import routes_command
 
         return routes_command(settings)  # listing is not serving: stream routes need no ENABLE_REDIS here
+
+    if args.command == "asyncapi":
+        from core.cli_tools import asyncapi_command
+
+        return asyncapi_command(settings, args.doc_format, args.output, args.api_version)
 
     from bootstrap.app import Application, DiscoveryError, serve_single_process
     from core.router import RouteError

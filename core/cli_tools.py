@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from typing import Sequence
@@ -74,6 +75,37 @@ def routes_command(settings: Settings) -> int:
 
     print(format_route_table(routes, settings))
     print(describe_profile(settings))
+    return 0
+
+
+def asyncapi_command(settings: Settings, fmt: str, output: str | None, version: str) -> int:
+    """`python main.py asyncapi`: the AsyncAPI 3.0 document of the routes, to stdout or `output`."""
+    from bootstrap.app import DiscoveryError
+    from core.asyncapi import build_document
+
+    try:
+        routes = load_routes(settings)
+    except (RouteError, DiscoveryError) as exc:
+        print(f"route error: {exc}", file=sys.stderr)
+        return 2
+    document = build_document(routes, settings, version)
+    if fmt == "yaml":
+        import yaml
+
+        text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=120)
+    else:
+        text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        with open(output, "w", encoding="utf-8") as out:
+            out.write(text)
+    except OSError as exc:
+        print(f"cannot write {output}: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote the AsyncAPI {document['asyncapi']} document of {len(document['operations']) - 1} route(s) to {output}",
+          file=sys.stderr)
     return 0
 
 
