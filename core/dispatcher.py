@@ -23,10 +23,13 @@ from core.middleware import CallNext, build_chain
 from core.payload import PayloadError, decode_payload
 from core.router import Route, RouteTable
 from core.stats import ProcessStats
+from core.wire import sanitize
 
 log = logging.getLogger("core.dispatcher")
 
 _perf = time.perf_counter
+ERROR_BYTES = 1024  # UTF-8 bytes of the error text kept in a dead letter's user property
+NAME_BYTES = 256
 
 
 class DeadLetter(Exception):
@@ -280,9 +283,10 @@ class Dispatcher:
         qos = self.settings.dead_letter_qos
         if self.settings.mqtt_v5:
             props = {
-                "user_properties": [
-                    ("error", error[:1024]), ("error_type", error_type), ("original_topic", topic),
-                    ("route", route), ("worker", self.services.worker_id), ("original_qos", str(message.qos)),
+                "user_properties": [  # error texts are often multi-line: the broker refuses control characters
+                    ("error", sanitize(error, ERROR_BYTES)), ("error_type", sanitize(error_type, NAME_BYTES)),
+                    ("original_topic", topic), ("route", sanitize(route, NAME_BYTES)),
+                    ("worker", sanitize(self.services.worker_id, NAME_BYTES)), ("original_qos", str(message.qos)),
                 ],
             }
             await publisher.publish(target, raw, qos, False, properties=props)

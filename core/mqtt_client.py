@@ -36,6 +36,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from core.backoff import backoff_delay
 from core.config import Settings
 from core.payload import encode_payload
+from core.poison_guard import PoisonGuard
+from core.wire import check_topic_name, publish_properties
 
 log = logging.getLogger("core.mqtt")
 
@@ -60,6 +62,7 @@ class ConnectionState:
     session_present: bool = False
     connects: int = 0
     disconnects: int = 0
+    publishes_abandoned: int = 0  # publishes given up because the broker closed the connection on each try
     last_error: str | None = None
 
 
@@ -115,6 +118,7 @@ class MqttClient:
         self._subscribed_event: asyncio.Event | None = None
         self._state_listeners: list[Callable[[str], None]] = []
         self._paho = self._make_paho()
+        self._guard = PoisonGuard(self._paho, name, self._paho._max_inflight_messages)
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -257,6 +261,7 @@ class MqttClient:
                     first = False
                 else:
                     self._paho.reconnect()
+                self._guard.before_connack()
             except (OSError, ssl.SSLError, ValueError) as exc:
                 first = first and not isinstance(exc, OSError)
                 delay = backoff_delay(attempt, s.mqtt_reconnect_min, s.mqtt_reconnect_max, random.random)
@@ -270,6 +275,9 @@ class MqttClient:
                 attempt = 0
             if self._stopping or self._closing:
                 break
+            self._give_up(self._guard.connection_lost())
+            if self._guard.probing:
+                attempt = 0  # each reconnect narrows the search down: no need to back off further
             delay = backoff_delay(attempt, s.mqtt_reconnect_min, s.mqtt_reconnect_max, random.random)
             log.warning("%s: connection to %s:%s lost (%s); reconnecting in %.1f s", self._name, host, port,
                         paho.error_string(rc), delay)
@@ -391,6 +399,7 @@ class MqttClient:
             return
         self._generation += 1
         self.state.connected = True
+        self._guard.connected()
         _disable_nagle(client.socket())
         self.state.connects += 1
         self.state.session_present = bool(flags.session_present)
@@ -464,10 +473,22 @@ class MqttClient:
         self._on_message(message, self._generation)
 
     def _handle_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:
+        if self._guard.probing:
+            self._guard.acknowledged(mid)
         fut = self._pending_publishes.pop(mid, None)
         if fut is not None:
             failed = reason is not None and getattr(reason, "is_failure", False)
             self._settle(fut, PublishError(f"broker refused the publish: {reason}") if failed else None)
+
+    def _give_up(self, messages: list[paho.MQTTMessage]) -> None:
+        for message in messages:
+            self.state.publishes_abandoned += 1
+            log.error("%s: giving up on the publish to %r (mid %d): the broker closed the connection each time it was "
+                      "sent (see the broker's log for why)", self._name, message.topic, message.mid)
+            fut = self._pending_publishes.pop(message.mid, None)
+            if fut is not None:
+                self._settle(fut, PublishError(
+                    f"publish to {message.topic!r} abandoned: the broker closed the connection each time it was sent"))
 
     # -- API (loop thread) ----------------------------------------------------------------------
 
@@ -516,9 +537,13 @@ class MqttClient:
         *,
         properties: dict[str, Any] | None = None,
     ) -> None:
-        """Publish; with qos>0, return once the broker acknowledged it (PUBACK/PUBCOMP)."""
+        """Publish; with qos>0, return once the broker acknowledged it (PUBACK/PUBCOMP).
+
+        A topic or property the broker would refuse raises `core.wire.WireError` here: nothing is sent.
+        """
+        check_topic_name(topic)
         data = encode_payload(payload)
-        props = self._publish_properties(properties) if properties else None
+        props = publish_properties(properties) if properties and self.v5 else None
         loop = self._loop
         assert loop is not None, "start() first"
         fut: asyncio.Future[None] = loop.create_future()
@@ -573,25 +598,6 @@ class MqttClient:
             loop.call_soon_threadsafe(_settle_future, fut, error)
         except RuntimeError:
             pass
-
-    def _publish_properties(self, properties: dict[str, Any]) -> Properties | None:
-        if not self.v5:
-            return None
-        props = Properties(PacketTypes.PUBLISH)
-        for key, value in properties.items():
-            if key == "user_properties":
-                props.UserProperty = [(str(k), str(v)) for k, v in (value.items() if isinstance(value, dict) else value)]
-            elif key == "correlation_data":
-                props.CorrelationData = value if isinstance(value, bytes) else str(value).encode()
-            elif key == "response_topic":
-                props.ResponseTopic = value
-            elif key == "content_type":
-                props.ContentType = value
-            elif key == "message_expiry":
-                props.MessageExpiryInterval = int(value)
-            else:
-                setattr(props, key, value)
-        return props
 
 
 def _always() -> bool:

@@ -48,6 +48,7 @@ from core.context import MessageContext
 from core.database import Base, Database, DatabaseError, safe_url
 from core.payload import encode_payload
 from core.streams import is_transient, is_unreachable
+from core.wire import check_topic_name, publish_properties
 
 if TYPE_CHECKING:
     from core.runtime import Runtime
@@ -136,12 +137,12 @@ class UnitOfWork:
     def publish(self, topic: str, payload: Any = None, qos: int = 1, retain: bool = False, *,
                 properties: dict[str, Any] | None = None) -> _Queued:
         """Publish `payload` on MQTT after the commit (QoS 1 by default)."""
-        if not isinstance(topic, str) or not topic or "+" in topic or "#" in topic:
-            raise ValueError(f"tx.publish: {topic!r} is not a topic name (non-empty, no wildcards)")
+        check_topic_name(topic, "tx.publish: topic")
         if qos not in (0, 1, 2):
             raise ValueError(f"tx.publish: qos must be 0, 1 or 2, not {qos!r}")
         headers: dict[str, Any] = {"qos": qos, "retain": bool(retain)}
         if properties:
+            publish_properties(properties)  # refused now, in the handler, rather than at every publish attempt
             headers["properties"] = _json_safe_properties(properties)
         self._add(MQTT, topic, payload, headers)
         return _QUEUED

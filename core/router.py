@@ -23,6 +23,7 @@ from core.handler import RESERVED_ARGUMENTS, HandlerSpec
 from core.middleware import Middleware, check_middleware
 from core.payload import PAYLOAD_FORMATS
 from core.topic_trie import TopicTrie
+from core.wire import string_problem
 
 
 # The pattern of a consumer-only stream route (`Router.stream`): `$stream/<name>`, never an MQTT topic.
@@ -75,8 +76,9 @@ def compile_pattern(pattern: str) -> CompiledPattern:
         raise ValueError("the pattern must be a non-empty string")
     if pattern.startswith("$share/") or pattern == "$share":
         raise ValueError("do not write '$share/...' in a pattern; use shared=True (the group is MQTT_GROUP_NAME)")
-    if "\x00" in pattern:
-        raise ValueError("the pattern contains a NUL character")
+    problem = string_problem(pattern)  # the broker would drop the connection at every SUBSCRIBE
+    if problem is not None:
+        raise ValueError(f"the pattern {problem}")
     raw_levels = pattern.split("/")
     filter_levels: list[str] = []
     literal_levels: list[str | None] = []

@@ -52,6 +52,7 @@ from core.middleware import CallNext, build_chain
 from core.payload import PayloadError, decode_payload, encode_payload
 from core.router import Route, Router, RouteTable
 from core.stats import ProcessStats
+from core.wire import check_topic_name, publish_properties
 
 if TYPE_CHECKING:
     from bootstrap.app import Application
@@ -189,40 +190,12 @@ class _Delivery:
         self.properties = properties
 
 
-def check_topic_name(topic: str) -> None:
-    """A topic you may publish to: non-empty, no wildcards, no NUL, at most 65535 bytes."""
-    if not isinstance(topic, str) or topic == "":
-        raise ValueError("the topic must be a non-empty string")
-    if "+" in topic or "#" in topic:
-        raise ValueError(f"topic {topic!r}: wildcards are for subscriptions, not for publishing")
-    if "\x00" in topic:
-        raise ValueError(f"topic {topic!r} contains a NUL character")
-    if len(topic.encode("utf-8")) > 65535:
-        raise ValueError("the topic is longer than 65535 bytes")
-
-
 _FORWARDED = ("ResponseTopic", "CorrelationData", "UserProperty", "ContentType", "PayloadFormatIndicator",
               "MessageExpiryInterval")
 
 
 def _to_properties(properties: Mapping[str, Any] | None) -> Properties:
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    for key, value in (properties or {}).items():
-        if value is None:
-            continue
-        if key == "user_properties":
-            props.UserProperty = [(str(k), str(v)) for k, v in (value.items() if isinstance(value, Mapping) else value)]
-        elif key == "correlation_data":
-            props.CorrelationData = value if isinstance(value, bytes) else str(value).encode()
-        elif key == "response_topic":
-            props.ResponseTopic = value
-        elif key == "content_type":
-            props.ContentType = value
-        elif key == "message_expiry":
-            props.MessageExpiryInterval = int(value)
-        else:
-            raise ValueError(f"unknown publish property {key!r}")
-    return props
+    return publish_properties(properties or {})
 
 
 def _copy_properties(source: Properties, subscription_id: int) -> Properties:
@@ -627,6 +600,7 @@ class TestClient:
 
     def _publish_from_app(self, topic: str, payload: bytes, qos: int, retain: bool, properties: dict[str, Any]) -> None:
         check_topic_name(topic)
+        publish_properties(properties)  # what the broker would refuse raises here, as MqttClient.publish does
         message = PublishedMessage(topic, payload, qos, retain, properties)
         self.published.append(message)
         record = self._as_dead_letter(message)
