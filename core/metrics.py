@@ -50,7 +50,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 
 RATE_WINDOW = 10.0  # seconds of samples behind the rates shown on the status page
 _COUNTER_KEYS = ("received", "handled", "failed", "dead_lettered", "unrouted", "responses", "dropped_on_shutdown",
-                 "rate_limit_redis_errors")
+                 "rate_limit_redis_errors", "mqtt_publishes_abandoned")
 _ROUTE_KEYS = ("handled", "failed", "dead_lettered", "seconds")
 BACKLOG_INTERVAL = 5.0  # seconds between two measurements of a backlog (a query each, never per message)
 # Counters of the Redis Streams consumers (per stream) and of the outbox processor, as exported.
@@ -141,6 +141,7 @@ class MetricsHook:
         }
         stats.extensions["rate_limited"] = lambda: rate_limit_counters(runtime)
         stats.extensions["rate_limit_redis_errors"] = lambda: rate_limit_redis_errors(runtime)
+        stats.extensions["mqtt_publishes_abandoned"] = lambda: state.publishes_abandoned
 
     async def stop(self, runtime: "Runtime") -> None:
         return None
@@ -515,6 +516,8 @@ def build_metric_families(view: SystemView, prefix: str = "mqtt_app") -> list[An
     redis_errors = counter("rate_limit_redis_errors", "Messages a Redis RateLimit could not check because Redis "
                            "was unreachable (let through, or dead-lettered with on_redis_error='reject')", ["worker"])
     reconnects = counter("mqtt_reconnects", "MQTT reconnections after the first connection", ["worker"])
+    abandoned = counter("mqtt_publishes_abandoned", "Publishes given up because the broker closed the connection "
+                        "each time they were sent (the caller got a PublishError)", ["worker"])
     inflight = gauge("inflight", "Messages being handled right now", ["worker"])
     connected = gauge("mqtt_connected", "1 while the process's MQTT connection is up", ["worker"])
     ready = gauge("process_ready", "1 while the process is connected and subscribed", ["worker"])
@@ -529,6 +532,7 @@ def build_metric_families(view: SystemView, prefix: str = "mqtt_app") -> list[An
         responses.add_metric([w], cumulative.get("responses", 0))
         redis_errors.add_metric([w], cumulative.get("rate_limit_redis_errors", 0))
         reconnects.add_metric([w], cumulative.get("reconnects", 0))
+        abandoned.add_metric([w], cumulative.get("mqtt_publishes_abandoned", 0))
         inflight.add_metric([w], (info.stats or {}).get("inflight", 0))
         if info.role != "supervisor":
             connected.add_metric([w], 1 if info.connected else 0)

@@ -114,3 +114,17 @@ def test_rate_limit_redis_errors_are_read_once_per_limiter() -> None:
     routes = [SimpleNamespace(middleware=[shared]), SimpleNamespace(middleware=[shared, own])]
     runtime: Any = SimpleNamespace(table=SimpleNamespace(routes=routes))
     assert rate_limit_redis_errors(runtime) == 5  # the group's limiter counted once, not per route
+
+
+def test_abandoned_publishes_are_counted_per_process_and_kept_across_restarts() -> None:
+    source = Source()
+    aggregator = Aggregator(source)
+
+    def worker(pid: int, abandoned: int) -> ProcessInfo:
+        return ProcessInfo("w0", "worker", pid, "running", True, True,
+                           stats={"received": 0, "routes": {}, "mqtt_publishes_abandoned": abandoned})
+
+    source.processes = [worker(100, 2)]
+    assert _scrape(aggregator)[("mqtt_app_mqtt_publishes_abandoned_total", (("worker", "w0"),))] == 2
+    source.processes = [worker(200, 1)]  # restarted: counting from zero again
+    assert _scrape(aggregator)[("mqtt_app_mqtt_publishes_abandoned_total", (("worker", "w0"),))] == 3
