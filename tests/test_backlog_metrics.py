@@ -6,6 +6,7 @@ import asyncio
 import os
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.metrics import Aggregator, ProcessInfo, SystemSample, backlog_of, render_metrics, start_backlog
@@ -84,18 +85,18 @@ async def test_backlog_task_publishes_measurements_of_several_owners_and_drops_f
     assert stats.snapshot()["backlog"] == {}
 
 
-def test_rate_limit_redis_errors_are_counted_per_process_and_kept_across_restarts() -> None:
+@pytest.mark.parametrize("key", ["rate_limit_redis_errors", "mqtt_publishes_abandoned"])
+def test_process_counters_are_counted_per_process_and_kept_across_restarts(key: str) -> None:
     source = Source()
     aggregator = Aggregator(source)
 
-    def worker(pid: int, errors: int) -> ProcessInfo:
-        return ProcessInfo("w0", "worker", pid, "running", True, True,
-                           stats={"received": 0, "routes": {}, "rate_limit_redis_errors": errors})
+    def worker(pid: int, count: int) -> ProcessInfo:
+        return ProcessInfo("w0", "worker", pid, "running", True, True, stats={"received": 0, "routes": {}, key: count})
 
     source.processes = [worker(100, 4)]
-    assert _scrape(aggregator)[("mqtt_app_rate_limit_redis_errors_total", (("worker", "w0"),))] == 4
+    assert _scrape(aggregator)[(f"mqtt_app_{key}_total", (("worker", "w0"),))] == 4
     source.processes = [worker(200, 1)]  # restarted: counting from zero again
-    assert _scrape(aggregator)[("mqtt_app_rate_limit_redis_errors_total", (("worker", "w0"),))] == 5
+    assert _scrape(aggregator)[(f"mqtt_app_{key}_total", (("worker", "w0"),))] == 5
 
 
 def test_rate_limit_redis_errors_are_read_once_per_limiter() -> None:
@@ -115,16 +116,3 @@ def test_rate_limit_redis_errors_are_read_once_per_limiter() -> None:
     runtime: Any = SimpleNamespace(table=SimpleNamespace(routes=routes))
     assert rate_limit_redis_errors(runtime) == 5  # the group's limiter counted once, not per route
 
-
-def test_abandoned_publishes_are_counted_per_process_and_kept_across_restarts() -> None:
-    source = Source()
-    aggregator = Aggregator(source)
-
-    def worker(pid: int, abandoned: int) -> ProcessInfo:
-        return ProcessInfo("w0", "worker", pid, "running", True, True,
-                           stats={"received": 0, "routes": {}, "mqtt_publishes_abandoned": abandoned})
-
-    source.processes = [worker(100, 2)]
-    assert _scrape(aggregator)[("mqtt_app_mqtt_publishes_abandoned_total", (("worker", "w0"),))] == 2
-    source.processes = [worker(200, 1)]  # restarted: counting from zero again
-    assert _scrape(aggregator)[("mqtt_app_mqtt_publishes_abandoned_total", (("worker", "w0"),))] == 3
