@@ -96,6 +96,9 @@ def default_client_id(app_name: str) -> str:
 DEFAULT_DATABASE_URL = f"sqlite+aiosqlite:///{Path(__file__).resolve().parent.parent / 'app.db'}"
 
 
+MAX_HISTORY_POINTS = 2000  # per chart series (STATUS_HISTORY_WINDOW / STATUS_HISTORY_INTERVAL)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting of the framework. Documented in README.md and `.env.example`."""
@@ -149,6 +152,8 @@ class Settings:
     http_port: int | None = None
     http_host: str = "127.0.0.1"
     http_check_timeout: float = 2.0
+    status_history_interval: float = 5.0  # seconds between two points of the status page's charts
+    status_history_window: float = 900.0  # seconds of history the charts show (kept in memory)
     # --- Redis Streams (core/streams.py, docs/streams.md) ---
     enable_redis: bool = False
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -272,6 +277,10 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         http_port=_get(env, "HTTP_PORT", d.http_port, lambda n, r: parse_int(n, r, minimum=0, maximum=65535)),
         http_host=_get(env, "HTTP_HOST", d.http_host, text),
         http_check_timeout=_get(env, "HTTP_CHECK_TIMEOUT", d.http_check_timeout, pos_float),
+        status_history_interval=_get(env, "STATUS_HISTORY_INTERVAL", d.status_history_interval,
+                                     lambda n, r: parse_duration(n, r, minimum=0.5)),
+        status_history_window=_get(env, "STATUS_HISTORY_WINDOW", d.status_history_window,
+                                   lambda n, r: parse_duration(n, r, minimum=60)),
         **_streams_and_outbox(env, d),
     )
     if settings.mqtt_reconnect_max < settings.mqtt_reconnect_min:
@@ -284,6 +293,15 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         path = getattr(settings, name.lower())
         if settings.mqtt_tls and path is not None and not Path(path).is_file():
             raise ConfigError(f"{name}={path!r}: no such file")
+    if settings.status_history_window < 2 * settings.status_history_interval:
+        raise ConfigError(f"STATUS_HISTORY_WINDOW={settings.status_history_window:g} s must hold at least two "
+                          f"STATUS_HISTORY_INTERVAL={settings.status_history_interval:g} s")
+    if settings.status_history_window / settings.status_history_interval > MAX_HISTORY_POINTS:
+        raise ConfigError(
+            f"STATUS_HISTORY_WINDOW={settings.status_history_window:g} s / STATUS_HISTORY_INTERVAL="
+            f"{settings.status_history_interval:g} s is more than {MAX_HISTORY_POINTS} chart points per series; "
+            "take a longer interval or a shorter window"
+        )
     if (settings.mqtt_username is None) and settings.mqtt_password is not None:
         raise ConfigError("MQTT_PASSWORD is set but MQTT_USERNAME is not")
     return settings

@@ -46,10 +46,9 @@ class Feed:
             self._entries.append(entry)
 
     def recent(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """The newest entries first (copies)."""
+        """The newest entries first (copies), by the time they happened: a worker's arrive a heartbeat late."""
         with self._lock:
-            entries = list(self._entries)
-        entries.reverse()
+            entries = sorted(self._entries, key=lambda e: (e.get("time", 0), e["seq"]), reverse=True)
         return [dict(e) for e in (entries if limit is None else entries[:limit])]
 
     def since(self, seq: int) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
 from core.config import Settings
+from core.history import History
 from core.metrics import Aggregator, RuntimeSource, StatusSource, SupervisorSource, SystemView, render_metrics
 from core.status_page import render_fragment, render_page, status_data
 
@@ -260,6 +261,7 @@ class OpsServer:
             raise ValueError("OpsServer needs HTTP_PORT")
         self.settings = settings
         self.aggregator = Aggregator(source, route_patterns)
+        self.history = History(settings.status_history_interval, settings.status_history_window)
         self.checks = list(default_checks(settings) if checks is None else checks)
         self.server = HttpServer(settings.http_host, settings.http_port, {
             "/health": self._health, "/ready": self._ready, "/metrics": self._metrics,
@@ -298,10 +300,10 @@ class OpsServer:
     async def _sample_forever(self) -> None:
         while True:
             try:
-                self.aggregator.collect()
+                self.history.observe(self.aggregator.collect())
             except Exception:
                 log.exception("collecting status failed")
-            await asyncio.sleep(self.SAMPLE_INTERVAL)
+            await asyncio.sleep(min(self.SAMPLE_INTERVAL, self.history.interval))
 
     # -- readiness --------------------------------------------------------------------------------
 
@@ -366,7 +368,7 @@ class OpsServer:
 
     async def _status(self) -> dict[str, Any]:
         view = self.aggregator.collect()
-        return status_data(view, await self.readiness(view), self.settings)
+        return status_data(view, await self.readiness(view), self.settings, self.history)
 
     async def _status_json(self, request: Request) -> Response:
         return Response.json(await self._status())

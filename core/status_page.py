@@ -12,10 +12,12 @@ import html
 import time
 from typing import TYPE_CHECKING, Any
 
+from core.charts import history_charts
 from core.events import recent_dead_letters, recent_events
 
 if TYPE_CHECKING:
     from core.config import Settings
+    from core.history import History
     from core.metrics import SystemView
 
 
@@ -23,7 +25,8 @@ DEAD_LETTERS_SHOWN = 20
 EVENTS_SHOWN = 30
 
 
-def status_data(view: "SystemView", readiness: dict[str, Any], settings: "Settings") -> dict[str, Any]:
+def status_data(view: "SystemView", readiness: dict[str, Any], settings: "Settings",
+                history: "History | None" = None) -> dict[str, Any]:
     """Plain data for the page and for /status.json."""
     sample = view.sample
     processes = []
@@ -63,6 +66,8 @@ def status_data(view: "SystemView", readiness: dict[str, Any], settings: "Settin
         "backlog": dict(view.backlog),
         "dead_letters": recent_dead_letters(DEAD_LETTERS_SHOWN),
         "events": recent_events(EVENTS_SHOWN),
+        "max_inflight": settings.max_inflight,
+        "history": history.data() if history is not None else None,
     }
 
 
@@ -139,6 +144,8 @@ def render_fragment(data: dict[str, Any]) -> str:
         f'{t["handled"]}</b> · failed <b data-k="failed">{t["failed"]}</b> · dead-lettered <b data-k="dead_lettered">'
         f'{t["dead_lettered"]}</b> · unrouted <b data-k="unrouted">{t["unrouted"]}</b></p>'
     )
+    if data.get("history") is not None:
+        parts.append(history_charts(data["history"], data["max_inflight"]))
     parts.append("<h2>Processes</h2><table id=\"processes\"><thead><tr><th>id</th><th>pid</th><th>state</th>"
                  "<th>MQTT</th><th>restarts</th><th>RSS MB</th><th>CPU %</th><th>msg/s</th><th>received</th>"
                  "<th>handled</th><th>failed</th><th>in flight</th></tr></thead><tbody>")
@@ -183,7 +190,13 @@ table{border-collapse:collapse;margin-bottom:1em}th,td{padding:.25em .6em;border
 th:first-child,td:first-child{text-align:left}.badge{padding:.1em .5em;border-radius:.3em;color:#fff}
 .badge.ok{background:#2a7}.badge.bad{background:#c33}td.bad{color:#c33}td.ok{color:#2a7}
 .meta{color:#888;font-size:12px}.tag{background:#eef;border-radius:.3em;padding:0 .4em;font-size:12px}
-td.error,td.topic{text-align:left}#events{list-style:none;padding:0}#events li{padding:.1em 0}
+td.error,td.topic{text-align:left}.charts{display:flex;flex-wrap:wrap;gap:.5em 1.5em}figure.chart{margin:0}
+figcaption{font-size:13px;color:#444}svg.chart{display:block}svg .grid{stroke:#e4e4e4}
+svg .axis{fill:#888;font-size:10px}svg .line{fill:none;stroke-width:1.6}svg .limit{stroke:#c33;stroke-dasharray:6 3}
+ul.legend{list-style:none;padding:0;margin:.2em 0 0 44px;font-size:12px;max-width:416px}
+ul.legend li{display:inline-block;margin-right:1em}.swatch{display:inline-block;width:14px;height:0;margin-right:.3em;vertical-align:middle}
+.swatch.limit{border-top:2px dashed #c33}h3{font-size:14px;margin:.8em 0 .3em}
+#events{list-style:none;padding:0}#events li{padding:.1em 0}
 """
 
 _SCRIPT = """

@@ -111,3 +111,9 @@ def test_the_page_lists_dead_letters_and_events_escaped() -> None:
     assert "ValueError: bad &amp; worse" in row and '<td class="source">main</td>' in row
     assert re.search(r'<time datetime="\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"', row)
     assert re.search(r'<li class="event" data-kind="autoscale">.*&lt;3 workers&gt;</li>', html)
+
+
+def test_entries_from_a_worker_are_listed_by_when_they_happened() -> None:
+    record_dead_letter("local/late", "r", "E", "")
+    ingest_from_worker({"dead_letters": [{"time": 1.0, "topic": "w/early", "route": "r", "error": "E"}]}, "w0")
+    assert [d["topic"] for d in recent_dead_letters()] == ["local/late", "w/early"]

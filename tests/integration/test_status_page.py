@@ -147,3 +147,101 @@ def test_worker_dead_letters_and_restarts_reach_the_supervisors_page(mosquitto_f
     page = http_get(url + "/")[1]
     assert 'data-kind="restart"' in page and "ops/bad7/data" in page
     assert app.stop() == 0
+
+
+class PrefixProxy:
+    """An HTTP proxy serving the app under /pods/app:8080/proxy/, as `kubectl proxy` or an ingress would."""
+
+    PREFIX = "/pods/app:8080/proxy"
+
+    def __init__(self, target: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        prefix = self.PREFIX
+
+        class Forward(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if not self.path.startswith(prefix + "/"):
+                    status, body = 404, f"outside {prefix}/".encode()
+                else:
+                    status, text = http_get(target + self.path[len(prefix):])
+                    body = text.encode()
+                self.send_response(status or 502)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}{prefix}/"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="prefix-proxy", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def chart_lines(dom: str, chart_id: str) -> dict[str, tuple[int, str]]:
+    """{series: (points drawn, path data)} of one chart in the page."""
+    figure = re.search(rf'<figure class="chart" id="{chart_id}">(.*?)</figure>', dom, re.S)
+    assert figure, f"no chart {chart_id} in the page"
+    return {m.group(1): (int(m.group(2)), m.group(3)) for m in
+            re.finditer(r'<path class="line" data-series="([^"]*)" data-points="(\d+)" d="([^"]*)"', figure.group(1))}
+
+
+def test_charts_draw_after_traffic_and_dead_letters_show_behind_a_path_prefix(
+        mosquitto_factory: Any, app_factory: Any, unique_id: str) -> None:  # noqa: F811
+    require_chromium(CHROMIUM)
+    broker = mosquitto_factory()
+    app, url = app_factory(broker, "--workers", "2", STATUS_HISTORY_INTERVAL="1", STATUS_HISTORY_WINDOW="60")
+    wait_until_sync(lambda: ready(url), f"/ready to answer 200\n{app.output}", 60)
+
+    def status() -> dict[str, Any]:
+        return json.loads(http_get(url + "/status.json")[1])
+
+    empty = status()["history"]
+    assert all(points == 0 for points in _points(empty, "routes", DATA_ROUTE, "rate"))  # nothing handled yet
+
+    pub = Publisher(broker.host, broker.port, f"{unique_id}-pub")
+    try:
+        for i in range(60):
+            pub.publish(f"ops/d{i % 3}/data", {"value": i})
+        pub.publish("ops/poison/data", {"value": "NaN please"})
+    finally:
+        pub.close()
+    # Gate on the data, not on time: a point whose interval saw the messages.
+    wait_until_sync(lambda: sum(_points(status()["history"], "routes", DATA_ROUTE, "rate")) > 0,
+                    "a chart point with messages/s > 0")
+    wait_until_sync(lambda: any(d["topic"] == "ops/poison/data" for d in status()["dead_letters"]),
+                    "the worker's dead letter")
+
+    proxy = PrefixProxy(url)
+    try:
+        dom = dump_dom(proxy.url + "?refresh=0.5")
+    finally:
+        proxy.close()
+    updates = re.search(r'<span id="refreshes">(\d+)</span>', dom)
+    assert updates and int(updates.group(1)) >= 1, "the page's script did not refresh it behind the path prefix"
+
+    drawn, path = chart_lines(dom, "chart-route-rate")[DATA_ROUTE]
+    assert drawn >= 1 and path.startswith("M")
+    y_values = [float(y) for y in re.findall(r"[ML][\d.]+ ([\d.]+)", path)]
+    baseline = max(y_values)
+    assert min(y_values) < baseline, "every point of the messages/s line sits at 0"
+    workers = chart_lines(dom, "chart-process-rate")
+    assert {"w0", "w1"} <= set(workers) and sum(workers[w][0] for w in ("w0", "w1")) >= 2
+    assert set(chart_lines(dom, "chart-process-latency")) >= {"w0 p99", "w0 p50", "w1 p99", "w1 p50"}
+    assert 'class="limit"' in dom and "MAX_INFLIGHT" in dom  # in flight against the limit
+
+    row = re.search(r'<tr class="dead-letter">((?:(?!</tr>).)*ops/poison/data.*?)</tr>', dom, re.S)
+    assert row, "the dead letter is not listed"
+    assert f"<code>{DATA_ROUTE}</code>" in row.group(1) and "PayloadValidationError" in row.group(1)
+    assert re.search(r'<td class="source">w[01]</td>', row.group(1))
+    assert app.stop() == 0
+
+
+def _points(history: dict[str, Any], group: str, name: str, metric: str) -> list[float]:
+    return [v for v in history[group].get(name, {}).get(metric, []) if v is not None]
