@@ -351,18 +351,27 @@ def test_sigterm_drains_and_acks_so_a_restarted_app_gets_each_message_once(
     broker: MosquittoServer, harness: Any, tmp_path: Path
 ) -> None:
     records = Records(tmp_path / "records.txt")
-    env = app_env(tmp_path, broker.port, SEQAPP_DELAY="0.02", MAX_INFLIGHT="50")
+    gated = Records(tmp_path / "gated.txt")
+    gate = tmp_path / "gate"
+    # Messages from 500 on wait at a gate: when SIGTERM comes, handlers are in flight in both workers
+    # for certain (not because they happened to be slow enough), and they finish during the drain.
+    env = app_env(tmp_path, broker.port, MAX_INFLIGHT="50", SEQAPP_GATE_FROM="500", SEQAPP_GATE=str(gate),
+                  SEQAPP_GATED=str(gated.path))
     first = harness(env, "--workers", "2")
     first.wait_ready(2)
     publisher = Publisher(broker.port)
     expected = range(3000)
     publisher.publish_in_background(expected, rate=1000)
-    wait_for(lambda: len(records.lines()) >= 500, "500 messages handled")
+    wait_for(lambda: set(range(500)) <= set(records.seqs()), "the 500 ungated messages handled")
+    wait_for(lambda: {"w0", "w1"} <= set(gated.by_worker()), "handlers of both workers waiting at the gate")
     first.signal(signal.SIGTERM)
+    stopping = r"\[(w\d)\] core\.runtime: stopping: ([1-9]\d*) handler\(s\) in flight"
+    wait_for(lambda: {m[0] for m in re.findall(stopping, first.log())} == {"w0", "w1"},
+             "both workers to stop with handlers in flight")
+    gate.touch()  # the drain lets them finish and acknowledges them
     assert first.wait(timeout=10 + 10) == 0  # SHUTDOWN_TIMEOUT=10 plus the stop grace
-    assert re.search(r"\[w\d\] core\.runtime: stopping: [1-9]\d* handler\(s\) in flight", first.log()), \
-        "handlers were in flight when the signal came"
     handled_first = set(records.seqs())
+    assert set(gated.seqs()) <= handled_first, "every handler in flight at the signal finished in the drain"
     publisher.join()  # the rest waits in the workers' sessions
     publisher.close()
 

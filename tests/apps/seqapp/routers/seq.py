@@ -9,6 +9,9 @@ SEQAPP_CRASH_SEQ    this sequence number kills the process, every time it is han
 SEQAPP_HANG_SEQ     this sequence number's handler hangs without blocking the event loop (an async
                     handler awaits, a plain one blocks its pool thread) until the file SEQAPP_RELEASE
                     exists (forever if unset); once if SEQAPP_MARKER is set (created when it starts)
+SEQAPP_GATE_FROM    sequence numbers from this one on wait (awaiting, the loop goes on) until the file
+                    SEQAPP_GATE exists; each writes `<worker_id> <pid> <seq>` to SEQAPP_GATED when it
+                    starts waiting, so a test knows handlers are in flight instead of hoping so
 SEQAPP_SYNC         1: the shared routes use a plain (sync) handler, run in the thread pool
 SEQAPP_NO_PLAIN     1: leave out the plain route `plain/in` (the supervisor then runs no main runtime)
 """
@@ -30,17 +33,31 @@ _CRASH = int(os.environ.get("SEQAPP_CRASH_SEQ", "-1") or -1)
 _HANG = int(os.environ.get("SEQAPP_HANG_SEQ", "-1") or -1)
 _RELEASE = os.environ.get("SEQAPP_RELEASE", "")
 _SYNC = os.environ.get("SEQAPP_SYNC", "") == "1"
-_fd: int | None = None
+_GATE_FROM = int(os.environ.get("SEQAPP_GATE_FROM", "-1") or -1)
+_GATE = os.environ.get("SEQAPP_GATE", "")
+_GATED = os.environ.get("SEQAPP_GATED", "")
+_fds: dict[str, int] = {}
+
+
+def _append(path: str, worker_id: str, seq: int) -> None:
+    fd = _fds.get(path)
+    if fd is None:
+        fd = _fds[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # One write() per line on an O_APPEND file: lines from several processes never interleave.
+    os.write(fd, f"{worker_id} {os.getpid()} {seq}\n".encode())
 
 
 def record(worker_id: str, seq: int) -> None:
-    global _fd
-    if not _RECORD:
-        return
-    if _fd is None:
-        _fd = os.open(_RECORD, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    # One write() per line on an O_APPEND file: lines from several processes never interleave.
-    os.write(_fd, f"{worker_id} {os.getpid()} {seq}\n".encode())
+    if _RECORD:
+        _append(_RECORD, worker_id, seq)
+
+
+async def _wait_at_gate(worker_id: str, seq: int) -> None:
+    if 0 <= _GATE_FROM <= seq and _GATE and not os.path.exists(_GATE):
+        if _GATED:
+            _append(_GATED, worker_id, seq)
+        while not os.path.exists(_GATE):
+            await asyncio.sleep(0.05)
 
 
 async def handle_shared(payload: str, context: MessageContext) -> None:
@@ -53,6 +70,7 @@ async def handle_shared(payload: str, context: MessageContext) -> None:
     if _should_hang(seq):
         while not _released():
             await asyncio.sleep(0.05)  # awaiting forever: the event loop (and heartbeat) go on
+    await _wait_at_gate(context.worker_id, seq)
     if _DELAY:
         await asyncio.sleep(_DELAY)
     record(context.worker_id, seq)
