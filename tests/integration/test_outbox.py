@@ -23,7 +23,8 @@ from sqlalchemy import Column, Integer, MetaData, Table, select, text
 from bootstrap.app import Application
 from core.config import load_settings
 from core.database import Database
-from core.outbox import ABANDONED, PROCESSING, PUBLISHED, OutboxProcessor, UnitOfWork, outbox_table, utcnow
+from core.outbox import (ABANDONED, MQTT, OUTBOX_KEY, PROCESSING, PUBLISHED, OutboxProcessor, UnitOfWork,
+                         outbox_table, utcnow)
 from core.router import Router
 from tests.apps.streams_support.harness import AppProcess, Collector, Publisher, app_env, wait_for
 from tests.support.servers import MosquittoServer, RedisServer
@@ -158,8 +159,15 @@ async def test_handler_raising_after_publish_publishes_nothing(
             outbox_rows = (await conn.execute(text(f"SELECT COUNT(*) FROM {runtime.settings.outbox_table}"))).scalar()
         assert stored == list(range(0, 40, 2))
         assert outbox_rows == 20
-        await asyncio.sleep(0.5)  # give a stray publish the chance to show up (the check is the line below)
-        assert sorted(collector.snapshot()) == sorted(f"{unique_id}/out/{n}" for n in range(0, 40, 2))
+        await _until_all_published(runtime, database, 20)
+        # A stray publish (of a rolled-back transaction, or a row published twice) went out before this
+        # marker, which the runtime publishes itself afterwards: once it arrives, the count is final.
+        marker = f"{unique_id}/out/marker"
+        await runtime.client.publish(marker, b"", 1)
+        await _until(lambda: marker in collector.snapshot(), "the marker")
+        got = collector.snapshot()
+        del got[marker]
+        assert got == Counter({f"{unique_id}/out/{n}": 1 for n in range(0, 40, 2)})
     finally:
         publisher.close()
         collector.close()
@@ -174,10 +182,16 @@ async def test_broker_down_for_seconds_everything_published_after_it_returns(
     try:
         await asyncio.to_thread(broker.stop)
         await _until(lambda: not runtime.client.state.connected, "the runtime to notice the broker is gone")
+        processor = runtime.services.extras[OUTBOX_KEY]
+        rounds_without_mqtt = _count_rounds_without_mqtt(processor)
         for n in range(200):
             async with factory(None) as tx:
                 tx.publish(f"{unique_id}/out/{n}", {"n": n})
-        await asyncio.sleep(2.0)  # the broker stays away for a few seconds (not an assertion)
+        # The relay has looked at the due rows while the broker was away (what the attempt count below
+        # is about), rather than the test hoping a few seconds were enough for it to.
+        seen = len(rounds_without_mqtt)
+        processor.notify()
+        await _until(lambda: len(rounds_without_mqtt) > seen, "a relay round with the broker away")
         await asyncio.to_thread(broker.start)
         await _until(lambda: len(collector.snapshot()) >= 200, "200 messages after the broker came back", 40)
         database = runtime.services.extras["database"]
@@ -319,6 +333,33 @@ async def test_failing_rows_back_off_then_are_abandoned_with_the_error(
         await client.delete(key, f"stream-{unique_id}")
         await client.aclose()
         await db.dispose()
+
+
+def _count_rounds_without_mqtt(processor: OutboxProcessor) -> list[float]:
+    """Times of the relay's rounds that left MQTT rows alone (broker away); a wrapper around its `_kinds`."""
+    rounds: list[float] = []
+    kinds = processor._kinds
+
+    async def counting() -> list[str]:
+        result = await kinds()
+        if MQTT not in result:
+            rounds.append(time.monotonic())
+        return result
+
+    processor._kinds = counting  # type: ignore[method-assign]
+    return rounds
+
+
+async def _until_all_published(runtime: Any, database: Any, count: int) -> None:
+    async def published() -> int:
+        async with database.engine.connect() as conn:
+            query = text(f"SELECT COUNT(*) FROM {runtime.settings.outbox_table} WHERE status = :s")
+            return int((await conn.execute(query, {"s": PUBLISHED})).scalar())
+
+    deadline = time.monotonic() + 30
+    while await published() < count:
+        assert time.monotonic() < deadline, f"timed out waiting for {count} outbox rows to be published"
+        await asyncio.sleep(0.05)
 
 
 async def _until(condition: Any, what: str, timeout: float = 30.0) -> None:

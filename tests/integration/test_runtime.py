@@ -32,6 +32,14 @@ async def settle(probe: Probe, topic: str, payload: str, arrived: Callable[[], b
     await wait_until(arrived, f"marker {payload!r} on {topic!r}")
 
 
+async def reading_stopped_or_all_received(runtime: Any, total: int) -> None:
+    """Until the runtime stopped reading at MAX_INFLIGHT (nothing more can start before a handler
+    finishes), or, were the limit missing, it received all `total` messages: the check that follows
+    is then decided, with no sleep hoping a missing limit would show in time."""
+    await wait_until(lambda: runtime._paused or runtime.stats.received >= total,
+                     "the runtime to stop reading at MAX_INFLIGHT (or to receive everything)")
+
+
 # -- routing ----------------------------------------------------------------------------------------
 
 
@@ -395,10 +403,8 @@ async def test_max_inflight_bounds_concurrent_handlers(broker: BrokerTarget, ser
     for n in range(total):
         await probe.publish(f"{u}/load/{n}", str(n), qos=qos)
     await wait_until(lambda: len(running) == limit, f"{limit} handlers running")
-    # Everything has been sent by the broker (another subscriber has it all); give the runtime
-    # a moment in which a missing limit would start more handlers.
-    await watcher.wait_count(f"{u}/load/", total)
-    await asyncio.sleep(0.3)
+    await watcher.wait_count(f"{u}/load/", total)  # the broker has sent everything
+    await reading_stopped_or_all_received(runtime, total)
     assert len(running) == limit
     assert runtime.dispatcher.inflight <= limit
 
@@ -469,7 +475,7 @@ async def test_max_inflight_holds_while_handlers_wait_for_their_own_publishes(
 
     router = Router()
     router.on(f"{u}/load/{{n}}", work, qos=0)
-    await serve(broker, router, MAX_INFLIGHT=str(limit))
+    runtime = await serve(broker, router, MAX_INFLIGHT=str(limit))
     watcher = await probe_factory(broker)
     await watcher.subscribe(f"{u}/load/#", qos=0)
     probe = await probe_factory(broker)
@@ -477,7 +483,7 @@ async def test_max_inflight_holds_while_handlers_wait_for_their_own_publishes(
         await probe.publish(f"{u}/load/{n}", str(n), qos=0)
     await wait_until(lambda: len(published) == limit, f"{limit} handlers past their publish")
     await watcher.wait_count(f"{u}/load/", total)
-    await asyncio.sleep(0.3)  # room for a missing limit to show (not an assertion on time)
+    await reading_stopped_or_all_received(runtime, total)
     assert peak[0] == limit
     release.set()
     await wait_until(lambda: len(done) == total, f"all {total} messages handled")
@@ -736,13 +742,19 @@ async def test_failures_on_the_dead_letter_topic_are_not_dead_lettered_again(
     runtime = await serve(broker, router)
     probe = await probe_factory(broker)
     await probe.subscribe(f"dead-letter/{u}/#")
+    await probe.subscribe(f"dead-letter/dead-letter/{u}/#")  # where a dead letter's dead letter would go
     await probe.publish(f"{u}/in", "x")
     await wait_until(lambda: len(calls) >= 2, "the dead letter to be handled")
     await settle(probe, f"{u}/in", "y", lambda: len(calls) >= 4)
     assert calls == [f"{u}/in", f"dead-letter/{u}/in"] * 2
-    # The probe gets its copy of the second dead letter at about the time the runtime does.
     await probe.wait_count(f"dead-letter/{u}/", 2)
-    await asyncio.sleep(0.2)
+    # Nothing more comes: once the runtime is idle, a marker it publishes itself reaches the probe
+    # after anything it published before (one connection, delivered in order).
+    await wait_until(lambda: runtime.dispatcher.inflight == 0, "the runtime to be idle")
+    marker = f"dead-letter/dead-letter/{u}/marker"
+    await runtime.client.publish(marker, b"m", 1)
+    await probe.wait_count(marker, 1)
+    assert [m.topic for m in probe.on(f"dead-letter/dead-letter/{u}/")] == [marker]
     assert len(probe.on(f"dead-letter/{u}/")) == 2
     assert runtime.stats.dead_lettered == 4
 
