@@ -14,6 +14,8 @@ runs, once (see README, "Overlapping routes"). Invalid patterns and duplicate ro
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import keyword
 import sys
 from dataclasses import dataclass, field, fields
@@ -25,6 +27,17 @@ from core.payload import PAYLOAD_FORMATS
 from core.topic_trie import TopicTrie
 from core.wire import string_problem
 
+
+# Every keyword a route takes (`Router.on`, `.route`, `.stream`, `Route(...)`): name -> default.
+# Those that are also parameters of `Router._add` become fields of `Route`; the others are kept in
+# `Route.options`. Add a new route option here (and, for a field, to `Router.on`/`_add`/`Route`).
+# Any other keyword fails at registration, unless a middleware of the route declares it in its
+# `route_options` attribute (then it is kept in `Route.options` for that middleware to read).
+ROUTE_OPTIONS: dict[str, Any] = {
+    "qos": 0, "shared": False, "worker_count": 1, "middleware": (), "payload_format": "auto", "timeout": None,
+    "stream": None, "name": None,
+    "meta": None,  # a free-form dict for middleware and tools: `route.options["meta"]`
+}
 
 # The pattern of a consumer-only stream route (`Router.stream`): `$stream/<name>`, never an MQTT topic.
 STREAM_PATTERN_PREFIX = "$stream/"
@@ -366,6 +379,7 @@ class Router:
                 chain.append(check_middleware(mw, where))
             except TypeError as exc:
                 raise RouteError(str(exc)) from None
+        _check_options(options, chain, where)
         try:
             spec = HandlerSpec(handler, compiled.params, where)
         except TypeError as exc:
@@ -389,14 +403,28 @@ def _duplicate_message(where: str, existing: Route) -> str:
 
 
 def _split_options(options: dict[str, Any]) -> dict[str, Any]:
-    known = ("qos", "shared", "worker_count", "middleware", "payload_format", "timeout", "stream", "name")
-    defaults: dict[str, Any] = {
-        "qos": 0, "shared": False, "worker_count": 1, "middleware": (), "payload_format": "auto",
-        "timeout": None, "stream": None, "name": None,
-    }
-    out = {k: options.pop(k, defaults[k]) for k in known}
+    parameters = inspect.signature(Router._add).parameters
+    out = {k: options.pop(k, default) for k, default in ROUTE_OPTIONS.items() if k in parameters}
     out["options"] = options
     return out
+
+
+def _check_options(options: dict[str, Any], chain: Sequence[Middleware], where: str) -> None:
+    """Fail on a keyword no one reads: not a route option, and no middleware of the route declares it."""
+    declared = {name for mw in chain for name in getattr(mw, "route_options", ())}
+    for name, value in options.items():
+        if name == "meta":
+            if not isinstance(value, dict):
+                raise RouteError(f"{where}: meta must be a dict (free-form data for middleware), not {value!r}")
+        elif name not in declared and name not in ROUTE_OPTIONS:
+            known = sorted({*ROUTE_OPTIONS, *declared})
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RouteError(
+                f"{where}: unknown route option {name!r}{hint}. Known: {', '.join(known)}. An option for a middleware "
+                "must be declared in that middleware's `route_options` (and the middleware given to this route), "
+                "or passed inside meta={...}"
+            )
 
 
 class RouteTable:

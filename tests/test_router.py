@@ -297,13 +297,13 @@ def test_router_prefix_and_include() -> None:
 def test_decorator_form_registers_and_returns_function() -> None:
     router = Router()
 
-    @router.route("x/{device_id}", qos=2, shared=True, worker_count=3, custom="yes")
+    @router.route("x/{device_id}", qos=2, shared=True, worker_count=3, meta={"custom": "yes"})
     async def fn(device_id: str) -> None:
         return None
 
     assert callable(fn)
     (route,) = router.routes
-    assert (route.qos, route.shared, route.worker_count, route.options) == (2, True, 3, {"custom": "yes"})
+    assert (route.qos, route.shared, route.worker_count, route.options) == (2, True, 3, {"meta": {"custom": "yes"}})
     assert route.module == THIS_MODULE
 
 
