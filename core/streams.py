@@ -30,12 +30,12 @@ import time
 from collections import defaultdict
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from functools import partial
-from typing import TYPE_CHECKING, Any, Awaitable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from core.backoff import backoff_delay
 from core.config import Settings
 from core.context import MessageContext, Services
+from core.dispatcher import handler_call  # the handler is called as on an inline route
 from core.middleware import CallNext, build_chain
 from core.payload import PayloadError, decode_payload
 from core.router import Route, RouteError
@@ -363,22 +363,6 @@ def bridge_call(route: Route, services: Services) -> CallNext:
 
 
 # -- stream side: consuming ---------------------------------------------------------------------
-
-
-def handler_call(route: Route, executor: Executor) -> CallNext:
-    """Call the route's handler with the same arguments as an inline route."""
-    spec = route.handler
-    fn, arguments = spec.fn, spec.arguments
-    if spec.is_async:
-        async def call_async(context: MessageContext) -> Any:
-            return await fn(**arguments(context))
-
-        return call_async
-
-    def call_sync(context: MessageContext) -> Awaitable[Any]:
-        return asyncio.get_running_loop().run_in_executor(executor, partial(fn, **arguments(context)))
-
-    return call_sync
 
 
 class _Endpoint:

@@ -199,6 +199,20 @@ class Collector:
         with self._lock:
             return Counter(self.counts)
 
+    async def final_counts(self, publisher: Any, marker: str, timeout: float = 30.0) -> Counter[str]:
+        """The counts once `publisher` (an app's MQTT client) has published `marker` and it arrived:
+        whatever that client published before went out before it, so nothing more is on its way."""
+        import asyncio
+
+        await publisher.publish(marker, b"", 1)
+        deadline = time.monotonic() + timeout
+        while marker not in self.snapshot():
+            assert time.monotonic() < deadline, f"the marker {marker!r} did not arrive in {timeout:.0f} s"
+            await asyncio.sleep(0.02)
+        counts = self.snapshot()
+        del counts[marker]
+        return counts
+
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
