@@ -16,6 +16,7 @@ Value = float | None
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
            "#bcbd22")
 WIDTH, HEIGHT = 460, 150
+MAX_LINES = len(PALETTE)  # lines per chart: more would be unreadable (and each costs page size)
 _LEFT, _RIGHT, _TOP, _BOTTOM = 44, 8, 8, 18
 
 
@@ -55,7 +56,7 @@ def _path(points: Sequence[Value], xs: Sequence[float], y_of: Callable[[float], 
         if value is None:
             pen_down = False
             continue
-        out.append(f"{'L' if pen_down else 'M'}{x:.1f} {y_of(value):.1f}")
+        out.append(f"{'L' if pen_down else 'M'}{x:.0f} {y_of(value):.0f}")  # whole pixels: a smaller page
         pen_down = True
         drawn += 1
     return " ".join(out), drawn
@@ -112,8 +113,20 @@ def line_chart(chart_id: str, title: str, unit: str, times: Sequence[float], win
             f'<ul class="legend">{"".join(legend)}</ul></figure>')
 
 
+def busiest(group: dict[str, dict[str, list[Value]]], metric: str, limit: int = MAX_LINES) -> dict[str, dict[str, list[Value]]]:
+    """The `limit` names with the largest sum of `metric` over the window, in name order."""
+    def weight(name: str) -> float:
+        return sum(v for v in group[name].get(metric, ()) if v is not None)
+
+    chosen = sorted(group, key=lambda name: (-weight(name), name))[:limit]
+    return {name: group[name] for name in sorted(chosen)}
+
+
 def history_charts(history: dict[str, Any], max_inflight: int) -> str:
-    """The status page's charts from `History.data()`: by route, by process, and the backlog."""
+    """The status page's charts from `History.data()`: by route, by process, and the backlog.
+
+    A chart draws at most MAX_LINES lines (the busiest routes or processes); /status.json has all.
+    """
     times, window = history["times"], history["window"]
 
     def chart(chart_id: str, title: str, unit: str, group: dict[str, dict[str, list[Value]]], metric: str,
@@ -122,18 +135,24 @@ def history_charts(history: dict[str, Any], max_inflight: int) -> str:
         return line_chart(chart_id, title, unit, times, window, lines, **kw)
 
     def latency(chart_id: str, title: str, group: dict[str, dict[str, list[Value]]]) -> str:
+        # Names that handled nothing in the window have no latency: left out of the legend too.
         lines = [Line(f"{name} {q}", series[q], i, dashed=q == "p50")
-                 for i, (name, series) in enumerate(group.items()) for q in ("p99", "p50")]
+                 for i, (name, series) in enumerate(group.items()) for q in ("p99", "p50")
+                 if any(v is not None for v in series["p99"])]
         return line_chart(chart_id, title, "ms", times, window, lines)
 
-    routes, processes = history["routes"], history["processes"]
+    def heading(what: str, group: dict[str, Any], total: int) -> str:
+        shown = f' <span class="meta">the {len(group)} busiest of {total}</span>' if len(group) < total else ""
+        return f"<h3>By {what}{shown}</h3>"
+
+    routes, processes = busiest(history["routes"], "rate"), busiest(history["processes"], "rate")
     minutes = f"last {window / 60:g} min, a point every {history['interval']:g} s"
     parts = [f'<h2>Charts <span class="meta">{html.escape(minutes)}</span></h2>',
-             '<h3>By route</h3><div class="charts">',
+             heading("route", routes, len(history["routes"])), '<div class="charts">',
              chart("chart-route-rate", "messages/s by route", "msg/s", routes, "rate"),
              chart("chart-route-errors", "errors/s (dead letters) by route", "/s", routes, "errors"),
              latency("chart-route-latency", "handler latency by route, p99 (solid) and p50 (dashed), ms", routes),
-             '</div><h3>By process</h3><div class="charts">',
+             "</div>", heading("process", processes, len(history["processes"])), '<div class="charts">',
              chart("chart-process-rate", "messages/s by process", "msg/s", processes, "rate"),
              chart("chart-process-errors", "errors/s (dead letters) by process", "/s", processes, "errors"),
              latency("chart-process-latency", "handler latency by process, p99 (solid) and p50 (dashed), ms", processes),
@@ -142,6 +161,7 @@ def history_charts(history: dict[str, Any], max_inflight: int) -> str:
              "</div>"]
     if history["backlog"]:
         parts += ['<h3>Backlog</h3><div class="charts">',
-                  chart("chart-backlog", "backlog (outbox rows, stream entries)", "", history["backlog"], "value"),
+                  chart("chart-backlog", "backlog (outbox rows, stream entries)", "", busiest(history["backlog"], "value"),
+                        "value"),
                   "</div>"]
     return "".join(parts)

@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, urlsplit
 from core.config import Settings
 from core.history import History
 from core.metrics import Aggregator, RuntimeSource, StatusSource, SupervisorSource, SystemView, render_metrics
-from core.status_page import render_fragment, render_page, status_data
+from core.status_page import render_charts, render_fragment, render_page, status_data
 
 if TYPE_CHECKING:
     from core.router import Route
@@ -366,17 +366,19 @@ class OpsServer:
         body, content_type = render_metrics(self.aggregator)
         return Response(200, body, content_type)
 
-    async def _status(self) -> dict[str, Any]:
+    async def _status(self, with_history: bool = True) -> dict[str, Any]:
         view = self.aggregator.collect()
-        return status_data(view, await self.readiness(view), self.settings, self.history)
+        return status_data(view, await self.readiness(view), self.settings, self.history if with_history else None)
 
     async def _status_json(self, request: Request) -> Response:
         return Response.json(await self._status())
 
     async def _page(self, request: Request) -> Response:
-        data = await self._status()
-        if request.query.get("fragment"):
-            return Response(200, render_fragment(data).encode(), "text/html; charset=utf-8")
+        fragment = request.query.get("fragment")
+        data = await self._status(with_history=not fragment or fragment == "charts")
+        if fragment:
+            text = render_charts(data) if fragment == "charts" else render_fragment(data)
+            return Response(200, text.encode(), "text/html; charset=utf-8")
         try:
             refresh = min(3600.0, max(0.2, float(request.query.get("refresh", "2"))))
         except ValueError:

@@ -122,8 +122,14 @@ def _feeds(data: dict[str, Any]) -> list[str]:
     return parts
 
 
+def render_charts(data: dict[str, Any]) -> str:
+    """`<div id="charts">`: empty without history; the page's script then keeps the charts it has."""
+    history = data.get("history")
+    return f'<div id="charts">{"" if history is None else history_charts(history, data["max_inflight"])}</div>'
+
+
 def render_fragment(data: dict[str, Any]) -> str:
-    """The live part of the page (replaced on every refresh)."""
+    """The live part of the page (replaced on every refresh; the charts are refreshed on their own)."""
     broker = data["broker"]
     ready = "ready" if data["ready"] else "not ready"
     reasons = "".join(f"<li>{_e(r)}</li>" for r in data["reasons"])
@@ -144,8 +150,7 @@ def render_fragment(data: dict[str, Any]) -> str:
         f'{t["handled"]}</b> · failed <b data-k="failed">{t["failed"]}</b> · dead-lettered <b data-k="dead_lettered">'
         f'{t["dead_lettered"]}</b> · unrouted <b data-k="unrouted">{t["unrouted"]}</b></p>'
     )
-    if data.get("history") is not None:
-        parts.append(history_charts(data["history"], data["max_inflight"]))
+    parts.append(render_charts(data))
     parts.append("<h2>Processes</h2><table id=\"processes\"><thead><tr><th>id</th><th>pid</th><th>state</th>"
                  "<th>MQTT</th><th>restarts</th><th>RSS MB</th><th>CPU %</th><th>msg/s</th><th>received</th>"
                  "<th>handled</th><th>failed</th><th>in flight</th></tr></thead><tbody>")
@@ -190,7 +195,7 @@ table{border-collapse:collapse;margin-bottom:1em}th,td{padding:.25em .6em;border
 th:first-child,td:first-child{text-align:left}.badge{padding:.1em .5em;border-radius:.3em;color:#fff}
 .badge.ok{background:#2a7}.badge.bad{background:#c33}td.bad{color:#c33}td.ok{color:#2a7}
 .meta{color:#888;font-size:12px}.tag{background:#eef;border-radius:.3em;padding:0 .4em;font-size:12px}
-td.error,td.topic{text-align:left}.charts{display:flex;flex-wrap:wrap;gap:.5em 1.5em}figure.chart{margin:0}
+#dead-letters th,#dead-letters td{text-align:left}th{white-space:nowrap}.charts{display:flex;flex-wrap:wrap;gap:.5em 1.5em}figure.chart{margin:0}
 figcaption{font-size:13px;color:#444}svg.chart{display:block}svg .grid{stroke:#e4e4e4}
 svg .axis{fill:#888;font-size:10px}svg .line{fill:none;stroke-width:1.6}svg .limit{stroke:#c33;stroke-dasharray:6 3}
 ul.legend{list-style:none;padding:0;margin:.2em 0 0 44px;font-size:12px;max-width:416px}
@@ -199,29 +204,51 @@ ul.legend li{display:inline-block;margin-right:1em}.swatch{display:inline-block;
 #events{list-style:none;padding:0}#events li{padding:.1em 0}
 """
 
+# The tables every `every` ms; the charts (the bulk of the bytes) only when they may have a new
+# point, every `chartsEvery` ms. Relative URLs only, so the page works behind any path prefix.
 _SCRIPT = """
 (function () {
-  var every = %d, count = 0, live = document.getElementById('live');
+  var every = %d, chartsEvery = %d, count = 0, chartCount = 0, live = document.getElementById('live');
   var counter = document.getElementById('refreshes'), note = document.getElementById('live-state');
-  function tick() {
-    fetch('?fragment=1', {cache: 'no-store'}).then(function (r) {
+  var charts = document.getElementById('charts'), chartCounter = document.getElementById('chart-refreshes');
+  function load(query) {
+    return fetch(query, {cache: 'no-store'}).then(function (r) {
       if (!r.ok) { throw new Error('HTTP ' + r.status); }
       return r.text();
-    }).then(function (text) {
-      live.innerHTML = text; count += 1; counter.textContent = count;
+    });
+  }
+  function keepCharts() {
+    var slot = document.getElementById('charts');
+    if (slot && charts && slot !== charts) { slot.replaceWith(charts); }
+  }
+  function tick() {
+    load('?fragment=1').then(function (text) {
+      live.innerHTML = text; keepCharts(); count += 1; counter.textContent = count;
       note.textContent = 'live, updated ' + new Date().toLocaleTimeString();
     }).catch(function (e) {
       note.textContent = 'cannot reach the server (' + e.message + '); retrying';
     }).then(function () { setTimeout(tick, every); });
   }
+  function chartTick() {
+    load('?fragment=charts').then(function (text) {
+      var box = document.createElement('div');
+      box.innerHTML = text;
+      if (box.firstElementChild) { charts = box.firstElementChild; keepCharts(); }
+      chartCount += 1; chartCounter.textContent = chartCount;
+    }).catch(function () { return null; }).then(function () { setTimeout(chartTick, chartsEvery); });
+  }
   setTimeout(tick, every);
+  setTimeout(chartTick, chartsEvery);
 })();
 """
 
 
 def render_page(data: dict[str, Any], refresh: float = 2.0) -> str:
-    """The whole page; its script refreshes the live part every `refresh` seconds."""
+    """The whole page; its script refreshes the live part every `refresh` seconds, the charts at
+    most as often as the history takes a point."""
     ms = int(refresh * 1000)
+    history = data.get("history")
+    charts_ms = max(ms, int(1000 * history["interval"])) if history else ms
     return (
         "<!doctype html><html><head><meta charset=\"utf-8\">"
         f"<title>{_e(data['app'])} — status</title>"
@@ -229,7 +256,7 @@ def render_page(data: dict[str, Any], refresh: float = 2.0) -> str:
         f"<style>{_STYLE}</style></head><body>"
         f"<h1>{_e(data['app'])}</h1>"
         f"<p class=\"meta\"><span id=\"live-state\">refreshing every {refresh:g} s</span> · updates: "
-        "<span id=\"refreshes\">0</span></p>"
+        "<span id=\"refreshes\">0</span> · charts: <span id=\"chart-refreshes\">0</span></p>"
         f"<div id=\"live\">{render_fragment(data)}</div>"
-        f"<script>{_SCRIPT % ms}</script></body></html>"
+        f"<script>{_SCRIPT % (ms, charts_ms)}</script></body></html>"
     )

@@ -49,6 +49,13 @@ def test_bench_routing_prints_a_row_per_size() -> None:
     assert "200 routes vs 10:" in out
 
 
+def test_bench_status_page_prints_a_row_per_shape() -> None:
+    out = run_bench("bench.bench_status_page", "--shapes", "2x1,3x2", "--points", "10")
+    rows = table_rows(out)
+    assert rows[0][:3] == ["routes", "workers", "points per line"]
+    assert [r[:3] for r in rows[1:]] == [["2", "1", "10"], ["3", "2", "10"]]
+
+
 @pytest.mark.integration
 @needs_mosquitto
 def test_bench_core_drains_everything_and_prints_ratios() -> None:

@@ -177,3 +177,19 @@ def test_history_charts_cover_routes_processes_inflight_and_backlog() -> None:
     assert paths(route_rate)[ROUTE][0] == 1
     latency = html[html.index('id="chart-process-latency"'):html.index('id="chart-inflight"')]
     assert set(paths(latency)) == {"w0 p99", "w0 p50"}
+
+
+def test_a_chart_draws_the_busiest_lines_only_and_says_so() -> None:
+    def line(rate: float) -> dict[str, list[Any]]:
+        return {"rate": [rate], "errors": [0.0], "p50": [None if rate == 0 else 1.0], "p99": [None if rate == 0 else 2.0],
+                "inflight": [0.0]}
+
+    history = {"interval": 5, "window": 60, "times": [1.0], "backlog": {},
+               "routes": {f"r{i:02}": line(float(i)) for i in range(12)}, "processes": {"w0": line(0.0)}}
+    html = history_charts(history, 100)
+    assert "By route <span class=\"meta\">the 10 busiest of 12</span>" in html
+    route_rate = html[html.index('id="chart-route-rate"'):html.index('id="chart-route-errors"')]
+    assert sorted(paths(route_rate)) == [f"r{i:02}" for i in range(2, 12)]  # r00 and r01 handled least
+    process_latency = html[html.index('id="chart-process-latency"'):html.index('id="chart-inflight"')]
+    assert paths(process_latency) == {} and "no data yet" in process_latency  # w0 handled nothing
+    assert "By process</h3>" in html

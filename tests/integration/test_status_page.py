@@ -225,6 +225,11 @@ def test_charts_draw_after_traffic_and_dead_letters_show_behind_a_path_prefix(
         proxy.close()
     updates = re.search(r'<span id="refreshes">(\d+)</span>', dom)
     assert updates and int(updates.group(1)) >= 1, "the page's script did not refresh it behind the path prefix"
+    chart_updates = re.search(r'<span id="chart-refreshes">(\d+)</span>', dom)
+    assert chart_updates and int(chart_updates.group(1)) >= 1, "the script did not refresh the charts"
+    # The tables' refresh carries no chart data: the script keeps the charts it has.
+    assert http_get(url + "/?fragment=1")[1].count('<div id="charts"></div>') == 1
+    assert dom.count('<div id="charts">') == 1
 
     drawn, path = chart_lines(dom, "chart-route-rate")[DATA_ROUTE]
     assert drawn >= 1 and path.startswith("M")
