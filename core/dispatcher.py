@@ -1,8 +1,11 @@
 """receive → match → decode → middleware → handler → response / dead letter → ack.
 
-Runs on the event loop's thread. Each delivered message becomes one task; its ack (QoS 1/2) is
-handed to the `AckSequencer` when every route it was delivered for has finished, successfully or
-by dead-lettering, so the broker redelivers whatever was still running when the process died.
+Runs on the event loop's thread. A delivered message's ack (QoS 1/2) is handed to the
+`AckSequencer` when every route it was delivered for has finished, successfully or by
+dead-lettering, so the broker redelivers whatever was still running when the process died.
+
+Intake (`core.intake`): queued messages are run by one task, each straight through until it
+finishes or has to wait; one that waits keeps that task and a new one takes the rest of the queue.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from core.acks import AckSequencer, AckTicket
 from core.config import Settings
 from core.context import MessageContext, Services
 from core.events import record_dead_letter
+from core.intake import Intake
 from core.middleware import CallNext, build_chain
 from core.payload import PayloadError, decode_payload
 from core.router import Route, RouteTable
@@ -76,7 +80,7 @@ class Dispatcher:
         self._max_payload = settings.max_payload_bytes
         self._slots = asyncio.Semaphore(settings.max_inflight)
         self._accepting = True
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._intake = Intake(self._process, self._finished)
         self._idle: asyncio.Event | None = None
         self.completed = 0  # read by the network thread for backpressure; written here only
         self.last_message_at = 0.0
@@ -106,15 +110,15 @@ class Dispatcher:
 
     @property
     def inflight(self) -> int:
-        return len(self._tasks)
+        return len(self._intake)
 
     @property
-    def running(self) -> Collection[asyncio.Task[None]]:
-        """The tasks of the messages in flight (to look at, e.g. for the oldest one)."""
-        return self._tasks
+    def running(self) -> Collection[Any]:
+        """The handlers in flight that are waiting for something (coroutines, to look at)."""
+        return self._intake.waiting
 
     def submit(self, message: Any, generation: int) -> None:
-        """Start handling one delivered paho message."""
+        """Queue one delivered paho message; handling starts on the loop's next turn."""
         stats = self.stats
         stats.received += 1
         if not self._accepting:
@@ -123,17 +127,15 @@ class Dispatcher:
             self.completed += 1
             return
         ticket = self.acks.track(message.mid, message.qos, generation) if message.qos else None
-        task = asyncio.get_running_loop().create_task(self._process(message, ticket))
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        self._intake.put(message, ticket)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self.completed += 1
-        self.stats.inflight = len(self._tasks)
+    def _finished(self, count: int) -> None:
+        """`count` messages are done (called once per run of quick handlers, and per waiting one)."""
+        self.completed += count
+        self.stats.inflight = inflight = len(self._intake)
         if self._on_complete is not None:
             self._on_complete()
-        if not self._tasks and self._idle is not None:
+        if not inflight and self._idle is not None:
             self._idle.set()
 
     # -- processing -------------------------------------------------------------------------------
@@ -300,19 +302,16 @@ class Dispatcher:
 
     async def drain(self, timeout: float) -> bool:
         """Wait for running handlers; cancel what is left after `timeout`. True if all finished."""
-        if not self._tasks:
+        if not len(self._intake):
             return True
         self._idle = asyncio.Event()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True
         except asyncio.TimeoutError:
-            left = list(self._tasks)
             log.warning("shutdown: %d handler(s) still running after %.3g s; cancelling them (their messages will be "
-                        "redelivered)", len(left), timeout)
-            for task in left:
-                task.cancel()
-            await asyncio.gather(*left, return_exceptions=True)
+                        "redelivered)", len(self._intake), timeout)
+            self._finished(await self._intake.cancel())
             return False
 
 

@@ -275,9 +275,9 @@ class HandlerWatch:
     """
 
     def __init__(self) -> None:
-        self._first_seen: dict[asyncio.Task[Any], float] = {}
+        self._first_seen: dict[Any, float] = {}  # tasks or handler coroutines
 
-    def oldest(self, tasks: Collection[asyncio.Task[Any]], now: float) -> dict[str, Any] | None:
+    def oldest(self, tasks: Collection[Any], now: float) -> dict[str, Any] | None:
         """`{"age", "route", "topic"}` of the longest-running task in `tasks`, or None if there is none."""
         seen = self._first_seen
         for task in tasks:
@@ -293,13 +293,13 @@ class HandlerWatch:
         return {"age": round(now - since, 3), "route": route, "topic": topic}
 
 
-def describe_task(task: "asyncio.Task[Any]") -> tuple[str, str]:
-    """(route pattern, topic) a dispatcher task is working on, read from its suspended frames.
+def describe_task(task: Any) -> tuple[str, str]:
+    """(route pattern, topic) a dispatcher task (or handler coroutine) is working on, read from its suspended frames.
 
     Best effort, for log lines only: "?" where a frame does not tell (e.g. still waiting for a slot).
     """
     route = topic = "?"
-    coro: Any = task.get_coro()
+    coro: Any = task.get_coro() if isinstance(task, asyncio.Task) else task  # Dispatcher.running holds coroutines
     for _ in range(16):  # _process -> _run -> middleware -> handler: a few levels at most
         frame = getattr(coro, "cr_frame", None)
         if frame is None:
