@@ -73,6 +73,7 @@ class Runtime:
         self._wakeup_scheduled = False
         self._received = 0  # written by the network thread only
         self._paused = False  # reading stopped at MAX_INFLIGHT (network thread sets, both read)
+        self._resume_woken = False  # the loop thread woke the network thread for this pause (loop thread sets)
         self._stop_event: asyncio.Event | None = None
         self._stopping = False
         self.drained_cleanly = True
@@ -108,6 +109,7 @@ class Runtime:
             return True
         self._wake_loop()  # the loop must see what is queued, or no room would ever free up
         # Publish the flag, then look again: a handler finishing in between sees the flag.
+        self._resume_woken = False
         self._paused = True
         if self._received - self.dispatcher.completed <= self._resume_at:
             self._paused = False
@@ -134,7 +136,9 @@ class Runtime:
             submit(message, generation)
 
     def _on_complete(self) -> None:
-        if self._paused and self._received - self.dispatcher.completed <= self._resume_at:
+        # One wake per pause: the network thread reads on once it looks again, whoever finishes next.
+        if self._paused and not self._resume_woken and self._received - self.dispatcher.completed <= self._resume_at:
+            self._resume_woken = True
             self.client.wake()
 
     # -- lifecycle ------------------------------------------------------------------------------
