@@ -19,6 +19,7 @@ import random
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections import deque
@@ -35,13 +36,19 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from core.backoff import backoff_delay
 from core.config import Settings
+from core.mqtt_properties import install as install_fast_properties
 from core.payload import encode_payload
 from core.poison_guard import PoisonGuard
 from core.wire import check_topic_name, publish_properties
 
 log = logging.getLogger("core.mqtt")
 
+install_fast_properties()  # paho decodes every MQTT 5 packet's properties with table lookups built once
+
 MessageCallback = Callable[[paho.MQTTMessage, int], None]
+
+_ACK_PACKET = struct.Struct("!BBH")  # fixed header, remaining length 2, packet id
+_PUBACK, _PUBCOMP = 0x40, 0x70
 
 
 class PublishError(RuntimeError):
@@ -112,6 +119,7 @@ class MqttClient:
         self._pending_unsubacks: dict[int, asyncio.Future[None]] = {}
         self._pending_publishes: dict[int, asyncio.Future[None]] = {}
         self._commands: deque[Callable[[], None]] = deque()
+        self._acks: deque[tuple[int, int, int]] = deque()  # (mid, qos, generation), written before the commands
         self._commands_wake_pending = False
         self._publish_waiters = 0
         self._connected_event: asyncio.Event | None = None
@@ -172,6 +180,9 @@ class MqttClient:
 
     def _submit(self, command: Callable[[], None]) -> None:
         self._commands.append(command)
+        self._wake_for_commands()
+
+    def _wake_for_commands(self) -> None:
         if not self._commands_wake_pending:
             self._commands_wake_pending = True
             self._wake.set()
@@ -185,8 +196,10 @@ class MqttClient:
             pass  # pipe full: the network thread is awake anyway
 
     def _run_commands(self) -> None:
-        """Run queued commands (network thread only)."""
+        """Write queued acks, then run queued commands (network thread only)."""
         self._commands_wake_pending = False
+        if self._acks:
+            self._write_acks()
         commands = self._commands
         while commands:
             command = commands.popleft()
@@ -300,7 +313,7 @@ class MqttClient:
             sock = p.socket()
             if sock is None:
                 return paho.MQTT_ERR_NO_CONN
-            if self._commands:
+            if self._commands or self._acks:
                 self._run_commands()
             # Backpressure: while the application has no room, leave what the broker sends in the
             # socket (TCP flow control holds the broker back) but keep writing acks and pings, and
@@ -326,7 +339,7 @@ class MqttClient:
                     self._on_batch_end()
                 if rc != paho.MQTT_ERR_SUCCESS:
                     return rc
-            if self._commands:
+            if self._commands or self._acks:
                 self._run_commands()
             if p.want_write() or sock in writable:
                 rc = p.loop_write()
@@ -494,11 +507,21 @@ class MqttClient:
 
     def ack(self, mid: int, qos: int, generation: int) -> None:
         """Acknowledge a delivered message; skipped if the connection it came on is gone."""
-        self._submit(partial(self._ack_now, mid, qos, generation))
+        self._acks.append((mid, qos, generation))
+        self._wake_for_commands()
 
-    def _ack_now(self, mid: int, qos: int, generation: int) -> None:
-        if generation == self._generation and self.state.connected:
-            self._paho.ack(mid, qos)
+    def _write_acks(self) -> None:
+        # What paho's ack() sends with manual_ack (PUBACK for QoS 1, PUBCOMP for QoS 2), but all
+        # of them in one queued packet: one send() (and one wake-up of paho's own pipe) per batch.
+        acks = self._acks
+        generation, connected = self._generation, self.state.connected
+        data = bytearray()
+        while acks:
+            mid, qos, ack_generation = acks.popleft()
+            if ack_generation == generation and connected:
+                data += _ACK_PACKET.pack(_PUBACK if qos == 1 else _PUBCOMP, 2, mid)
+        if data:
+            self._paho._packet_queue(_PUBACK, bytes(data), 0, 0)
 
     async def unsubscribe(self, topics: list[str] | None = None, timeout: float = 10.0) -> bool:
         """Remove subscriptions (default: all of ours) and wait for the broker's UNSUBACK.
