@@ -22,9 +22,10 @@ def _run(module: str, *args: str) -> list[list[str]]:
 
 def test_bench_streams_prints_raw_stream_and_inline_rows() -> None:
     rows = _run("bench.bench_streams", "--count", "300", "--repeat", "1", "--workers", "1")
-    assert [row[0] for row in rows[1:]] == ["raw redis-py XADD + XREADGROUP/XACK loop", "MQTT -> stream -> handler",
+    assert [row[0] for row in rows[1:]] == ["raw redis-py pipelined XADD + XREADGROUP/XACK loop", "MQTT -> stream -> handler",
                                             "MQTT -> handler (inline, no Redis)"]
     assert all(float(row[2].replace(",", "")) > 0 for row in rows[1:])
+    assert float(rows[2][4]) > 0  # the stream route against the inline one, same run
 
 
 def test_bench_outbox_prints_a_row_per_database() -> None:
