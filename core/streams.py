@@ -36,6 +36,7 @@ from core.backoff import backoff_delay
 from core.config import Settings
 from core.context import MessageContext, Services
 from core.dispatcher import handler_call  # the handler is called as on an inline route
+from core.intake import Intake
 from core.middleware import CallNext, build_chain
 from core.payload import PayloadError, decode_payload
 from core.router import Route, RouteError
@@ -503,16 +504,34 @@ class StreamConsumer:
         self._group_ready = True
 
     async def _handle_batch(self, batch: list[tuple[Any, Any, int]]) -> None:
-        results = await asyncio.gather(*(self._handle(entry_id, fields, attempt) for entry_id, fields, attempt in batch),
-                                       return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
-                # Only moving an entry to the dead-letter stream can fail here (Redis went away): the entry
-                # stays pending and is reclaimed, then dead-lettered, later.
-                log.warning("stream %r: could not dead-letter an entry: %s", self.stream, result)
+        # The entries run concurrently, each as if in a task of its own, but only those that wait get
+        # one (core.intake): most handlers finish straight through.
+        left = len(batch)
+        done = asyncio.get_running_loop().create_future()
+
+        def finished(count: int) -> None:
+            nonlocal left
+            left -= count
+            if left <= 0 and not done.done():
+                done.set_result(None)
+
+        intake = Intake(self._handle_entry, finished)
+        for entry in batch:
+            intake.put(entry, None)
+        try:
+            await done
+        except asyncio.CancelledError:
+            await intake.cancel()
+            raise
         await self._flush_acks()
+
+    async def _handle_entry(self, entry: tuple[Any, Any, int], _: Any) -> None:
+        try:
+            await self._handle(*entry)
+        except Exception as exc:
+            # Only moving an entry to the dead-letter stream can fail here (Redis went away): the entry
+            # stays pending and is reclaimed, then dead-lettered, later.
+            log.warning("stream %r: could not dead-letter an entry: %s", self.stream, exc)
 
     async def _flush_acks(self) -> None:
         if self._to_ack:
