@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -45,6 +45,18 @@ class FakeSource:
         return SystemSample("workers", 1, 10.0, False, None, processes)
 
 
+def recorder() -> tuple[FakeSource, History, Callable[..., bool]]:
+    """A fake supervisor, a History of 5 s points over 60 s, and `observe(now, wall=None)` feeding it."""
+    source = FakeSource()
+    aggregator = Aggregator(source, [ROUTE])
+    history = History(interval=5, window=60)
+
+    def observe(now: float, wall: float | None = None) -> bool:
+        return history.observe(aggregator.collect(), now=now, wall=wall)
+
+    return source, history, observe
+
+
 def test_quantiles_interpolate_within_the_bucket() -> None:
     assert quantile_ms(0.5, BOUNDS, [0, 10, 0, 0]) == pytest.approx(5.5)  # half way through (1 ms, 10 ms]
     assert quantile_ms(0.99, BOUNDS, [0, 10, 0, 0]) == pytest.approx(9.91)
@@ -55,19 +67,17 @@ def test_quantiles_interpolate_within_the_bucket() -> None:
 
 
 def test_points_are_rates_errors_latency_inflight_and_backlog_per_interval() -> None:
-    source = FakeSource()
-    aggregator = Aggregator(source, [ROUTE])
-    history = History(interval=5, window=60)
+    source, history, observe = recorder()
     source.count("w0", ok=0)
     source.count("w1", ok=0)
-    assert not history.observe(aggregator.collect(), now=0.0, wall=1000.0)  # the baseline
+    assert not observe(0.0, 1000.0)  # the baseline
     assert history.data()["times"] == []
 
     source.count("w0", ok=40, dead=10, bucket=1, inflight=7)  # 50 messages in 5 s, 10 of them dead-lettered
     source.count("w1", ok=25, bucket=0, inflight=2)
     source.backlog = {"outbox": 12.0}
-    assert not history.observe(aggregator.collect(), now=2.0)  # too early: no point
-    assert history.observe(aggregator.collect(), now=5.0, wall=1005.0)
+    assert not observe(2.0)  # too early: no point
+    assert observe(5.0, 1005.0)
     data = history.data()
     assert data["times"] == [1005.0]
     w0, w1, route = data["processes"]["w0"], data["processes"]["w1"], data["routes"][ROUTE]
@@ -79,18 +89,16 @@ def test_points_are_rates_errors_latency_inflight_and_backlog_per_interval() -> 
     assert "main" not in data["processes"]  # the supervisor has no routes of its own here
 
     # A quiet interval: 0 messages/s, and no latency (a gap, not 0 ms).
-    history.observe(aggregator.collect(), now=10.0, wall=1010.0)
+    observe(10.0, 1010.0)
     data = history.data()
     assert data["processes"]["w0"]["rate"] == [10.0, 0.0] and data["processes"]["w0"]["p50"][1] is None
 
 
 def test_memory_is_bounded_by_the_window_not_the_message_count() -> None:
-    source = FakeSource()
-    aggregator = Aggregator(source, [ROUTE])
-    history = History(interval=5, window=60)
+    source, history, observe = recorder()
     for i in range(40):
         source.count("w0", ok=1_000_000 if i % 2 else 3)
-        history.observe(aggregator.collect(), now=5.0 * i)
+        observe(5.0 * i)
     data = history.data()
     assert history.capacity == 12 and len(data["times"]) == 12
     assert all(len(points) == 12 for points in data["processes"]["w0"].values())
@@ -98,36 +106,32 @@ def test_memory_is_bounded_by_the_window_not_the_message_count() -> None:
 
 
 def test_a_worker_that_goes_and_comes_back_leaves_a_gap_and_no_spike() -> None:
-    source = FakeSource()
-    aggregator = Aggregator(source, [ROUTE])
-    history = History(interval=5, window=60)
+    source, history, observe = recorder()
     source.count("w0", ok=100)
     source.count("w1", ok=100)
-    history.observe(aggregator.collect(), now=0.0)
+    observe(0.0)
     source.count("w1", ok=50)
-    history.observe(aggregator.collect(), now=5.0)
+    observe(5.0)
     gone = source.workers.pop("w1")  # scaled down
-    history.observe(aggregator.collect(), now=10.0)
+    observe(10.0)
     source.workers["w1"] = gone  # the slot is back with what it had counted
     source.count("w1", ok=5)
-    history.observe(aggregator.collect(), now=15.0)
+    observe(15.0)
     assert history.data()["processes"]["w1"]["rate"] == [10.0, None, 1.0]
     # A line with nothing left in the window goes away.
     source.workers.pop("w1")
     for i in range(4, 20):
-        history.observe(aggregator.collect(), now=5.0 * i)
+        observe(5.0 * i)
     assert "w1" not in history.data()["processes"] and "w0" in history.data()["processes"]
 
 
 def test_a_new_line_is_aligned_with_the_older_points() -> None:
-    source = FakeSource()
-    aggregator = Aggregator(source, [ROUTE])
-    history = History(interval=5, window=60)
+    source, history, observe = recorder()
     source.count("w0", ok=5)
-    history.observe(aggregator.collect(), now=0.0)
-    history.observe(aggregator.collect(), now=5.0)
+    observe(0.0)
+    observe(5.0)
     source.count("w2", ok=10)  # scaled up
-    history.observe(aggregator.collect(), now=10.0)
+    observe(10.0)
     processes = history.data()["processes"]
     assert processes["w2"]["rate"] == [None, 2.0] and len(processes["w0"]["rate"]) == 2
 
@@ -161,14 +165,12 @@ def test_axis_maximum_is_a_round_number() -> None:
 
 
 def test_history_charts_cover_routes_processes_inflight_and_backlog() -> None:
-    source = FakeSource()
-    aggregator = Aggregator(source, [ROUTE])
-    history = History(interval=5, window=60)
+    source, history, observe = recorder()
     source.count("w0")
-    history.observe(aggregator.collect(), now=0.0)
+    observe(0.0)
     source.count("w0", ok=20, inflight=3)
     source.backlog = {"stream:orders": 4}
-    history.observe(aggregator.collect(), now=5.0)
+    observe(5.0)
     html = history_charts(history.data(), max_inflight=100)
     ids = re.findall(r'<figure class="chart" id="([^"]+)"', html)
     assert ids == ["chart-route-rate", "chart-route-errors", "chart-route-latency", "chart-process-rate",
