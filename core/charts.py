@@ -156,7 +156,7 @@ def history_charts(history: dict[str, Any], max_inflight: int) -> str:
              chart("chart-process-rate", "messages/s by process", "msg/s", processes, "rate"),
              chart("chart-process-errors", "errors/s (dead letters) by process", "/s", processes, "errors"),
              latency("chart-process-latency", "handler latency by process, p99 (solid) and p50 (dashed), ms", processes),
-             chart("chart-inflight", "in flight by process", "", processes, "inflight", limit=max_inflight,
+             chart("chart-inflight", "in flight by process (highest per point)", "", processes, "inflight", limit=max_inflight,
                    limit_label="MAX_INFLIGHT"),
              "</div>"]
     if history["backlog"]:

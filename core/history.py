@@ -6,7 +6,8 @@ anyway, and with `--workers` the heartbeats' snapshots). Every `STATUS_HISTORY_I
 
 - per route and per process: messages/s, errors/s (dead letters), p50 and p99 handler latency
   (milliseconds, from the latency histogram's buckets that filled during the interval);
-- per process: messages in flight at that moment (the chart draws MAX_INFLIGHT over it);
+- per process: messages in flight, the highest of the (per-second) observations since the previous
+  point (the chart draws MAX_INFLIGHT over it);
 - per backlog source: its value.
 
 Each series is a ring buffer of `STATUS_HISTORY_WINDOW / STATUS_HISTORY_INTERVAL` points, so
@@ -101,10 +102,20 @@ class History:
         self._last_at: float | None = None  # monotonic time of the previous sample
         self._prev_routes: dict[str, _Counters] = {}
         self._prev_processes: dict[str, _Counters] = {}
+        self._inflight_peak: dict[str, float] = {}  # highest in-flight count seen since the last point
 
     def observe(self, view: "SystemView", now: float | None = None, wall: float | None = None) -> bool:
-        """Take a point if `interval` has passed since the previous sample; True if one was taken."""
+        """Take a point if `interval` has passed since the previous sample; True if one was taken.
+
+        Call it more often than `interval` (the server does, every second): in flight is a gauge,
+        and a point shows the highest value the calls in between saw.
+        """
         now = time.monotonic() if now is None else now
+        peak = self._inflight_peak
+        for info, _cumulative, _rate in view.processes:
+            if info.role != "supervisor":
+                value = float((info.stats or {}).get("inflight", 0))
+                peak[info.id] = max(peak.get(info.id, value), value)
         if self._last_at is not None and now - self._last_at < self.interval * 0.95:
             return False
         routes = {r.pattern: (r.received, r.dead_lettered, list(r.histogram[0]) if r.histogram else [])
@@ -119,12 +130,11 @@ class History:
         filled = len(self.times)
         for name, counters in routes.items():
             self.routes.put(name, _rates(counters, self._prev_routes.get(name), span, view.bounds), filled)
-        inflight = {info.id: float((info.stats or {}).get("inflight", 0)) for info, _c, _r in view.processes}
-
         for name, counters in processes.items():
             values = _rates(counters, self._prev_processes.get(name), span, view.bounds)
-            values["inflight"] = inflight[name]
+            values["inflight"] = peak.get(name, 0.0)
             self.processes.put(name, values, filled)
+        peak.clear()
         for name, value in view.backlog.items():
             self.backlog.put(name, {"value": float(value)}, filled)
         for series in (self.routes, self.processes, self.backlog):

@@ -74,24 +74,26 @@ def test_points_are_rates_errors_latency_inflight_and_backlog_per_interval() -> 
     assert history.data()["times"] == []
 
     source.count("w0", ok=40, dead=10, bucket=1, inflight=7)  # 50 messages in 5 s, 10 of them dead-lettered
-    source.count("w1", ok=25, bucket=0, inflight=2)
+    source.count("w1", ok=25, bucket=0, inflight=9)
     source.backlog = {"outbox": 12.0}
-    assert not observe(2.0)  # too early: no point
+    assert not observe(2.0)  # too early: no point, but w1's 9 in flight is the interval's peak
+    source.count("w1", inflight=2)
     assert observe(5.0, 1005.0)
     data = history.data()
     assert data["times"] == [1005.0]
     w0, w1, route = data["processes"]["w0"], data["processes"]["w1"], data["routes"][ROUTE]
     assert (w0["rate"], w0["errors"], w0["inflight"]) == ([10.0], [2.0], [7.0])
-    assert (w1["rate"], w1["errors"], w1["inflight"]) == ([5.0], [0.0], [2.0])
+    assert (w1["rate"], w1["errors"], w1["inflight"]) == ([5.0], [0.0], [9.0])
     assert w0["p50"] == [pytest.approx(5.5)] and w1["p99"] == [pytest.approx(0.99)]
     assert route["rate"] == [15.0] and route["errors"] == [2.0]
     assert data["backlog"] == {"outbox": {"value": [12.0]}}
     assert "main" not in data["processes"]  # the supervisor has no routes of its own here
 
-    # A quiet interval: 0 messages/s, and no latency (a gap, not 0 ms).
+    # A quiet interval: 0 messages/s, and no latency (a gap, not 0 ms); the peak starts afresh.
     observe(10.0, 1010.0)
     data = history.data()
     assert data["processes"]["w0"]["rate"] == [10.0, 0.0] and data["processes"]["w0"]["p50"][1] is None
+    assert data["processes"]["w1"]["inflight"] == [9.0, 2.0]
 
 
 def test_memory_is_bounded_by_the_window_not_the_message_count() -> None:
