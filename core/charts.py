@@ -83,8 +83,8 @@ def line_chart(chart_id: str, title: str, unit: str, times: Sequence[float], win
            f'aria-label="{e(title)}">']
     for fraction in (0.0, 0.5, 1.0):
         y = _TOP + plot_h * (1 - fraction)
-        svg.append(f'<line class="grid" x1="{_LEFT}" x2="{WIDTH - _RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>'
-                   f'<text class="axis" x="{_LEFT - 4}" y="{y + 4:.1f}" text-anchor="end">{_fmt(top * fraction)}</text>')
+        svg.append(f'<line class="grid" x1="{_LEFT}" x2="{WIDTH - _RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/><text class="axis" '
+                   f'x="{_LEFT - 4}" y="{y + 4:.1f}" text-anchor="end">{_fmt(top * fraction)}</text>')
     minutes = window / 60
     svg.append(f'<text class="axis" x="{_LEFT}" y="{HEIGHT - 4}">−{minutes:g} min</text>'
                f'<text class="axis" x="{WIDTH - _RIGHT}" y="{HEIGHT - 4}" text-anchor="end">now</text>')
@@ -113,7 +113,10 @@ def line_chart(chart_id: str, title: str, unit: str, times: Sequence[float], win
             f'<ul class="legend">{"".join(legend)}</ul></figure>')
 
 
-def busiest(group: dict[str, dict[str, list[Value]]], metric: str, limit: int = MAX_LINES) -> dict[str, dict[str, list[Value]]]:
+Group = dict[str, dict[str, list[Value]]]  # name -> metric -> points, as in History.data()
+
+
+def busiest(group: Group, metric: str, limit: int = MAX_LINES) -> Group:
     """The `limit` names with the largest sum of `metric` over the window, in name order."""
     def weight(name: str) -> float:
         return sum(v for v in group[name].get(metric, ()) if v is not None)
@@ -129,12 +132,11 @@ def history_charts(history: dict[str, Any], max_inflight: int) -> str:
     """
     times, window = history["times"], history["window"]
 
-    def chart(chart_id: str, title: str, unit: str, group: dict[str, dict[str, list[Value]]], metric: str,
-              **kw: Any) -> str:
+    def chart(chart_id: str, title: str, unit: str, group: Group, metric: str, **kw: Any) -> str:
         lines = [Line(name, series[metric], i) for i, (name, series) in enumerate(group.items())]
         return line_chart(chart_id, title, unit, times, window, lines, **kw)
 
-    def latency(chart_id: str, title: str, group: dict[str, dict[str, list[Value]]]) -> str:
+    def latency(chart_id: str, title: str, group: Group) -> str:
         # Names that handled nothing in the window have no latency: left out of the legend too.
         lines = [Line(f"{name} {q}", series[q], i, dashed=q == "p50")
                  for i, (name, series) in enumerate(group.items()) for q in ("p99", "p50")
@@ -156,12 +158,12 @@ def history_charts(history: dict[str, Any], max_inflight: int) -> str:
              chart("chart-process-rate", "messages/s by process", "msg/s", processes, "rate"),
              chart("chart-process-errors", "errors/s (dead letters) by process", "/s", processes, "errors"),
              latency("chart-process-latency", "handler latency by process, p99 (solid) and p50 (dashed), ms", processes),
-             chart("chart-inflight", "in flight by process (highest per point)", "", processes, "inflight", limit=max_inflight,
-                   limit_label="MAX_INFLIGHT"),
+             chart("chart-inflight", "in flight by process (highest per point)", "", processes, "inflight",
+                   limit=max_inflight, limit_label="MAX_INFLIGHT"),
              "</div>"]
     if history["backlog"]:
         parts += ['<h3>Backlog</h3><div class="charts">',
-                  chart("chart-backlog", "backlog (outbox rows, stream entries)", "", busiest(history["backlog"], "value"),
-                        "value"),
+                  chart("chart-backlog", "backlog (outbox rows, stream entries)", "",
+                        busiest(history["backlog"], "value"), "value"),
                   "</div>"]
     return "".join(parts)

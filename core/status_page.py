@@ -196,7 +196,7 @@ th:first-child,td:first-child{text-align:left}.badge{padding:.1em .5em;border-ra
 .badge.ok{background:#2a7}.badge.bad{background:#c33}td.bad{color:#c33}td.ok{color:#2a7}
 .meta{color:#888;font-size:12px}.tag{background:#eef;border-radius:.3em;padding:0 .4em;font-size:12px}
 #dead-letters th,#dead-letters td{text-align:left}th{white-space:nowrap}.charts{display:flex;flex-wrap:wrap;gap:.5em 1.5em}figure.chart{margin:0}
-figcaption{font-size:13px;color:#444}svg.chart{display:block}svg .grid{stroke:#e4e4e4}
+figcaption{font-size:13px;color:#444}svg.chart{display:block;max-width:100%;height:auto}svg .grid{stroke:#e4e4e4}
 svg .axis{fill:#888;font-size:10px}svg .line{fill:none;stroke-width:1.6}svg .limit{stroke:#c33;stroke-dasharray:6 3}
 ul.legend{list-style:none;padding:0;margin:.2em 0 0 44px;font-size:12px;max-width:416px}
 ul.legend li{display:inline-block;margin-right:1em}.swatch{display:inline-block;width:14px;height:0;margin-right:.3em;vertical-align:middle}
