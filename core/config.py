@@ -140,6 +140,15 @@ class Settings:
     worker_restart_window: float = 60.0
     worker_max_messages: int = 0
     worker_max_memory_mb: int = 0
+    # Worker autoscaling (core/autoscale.py, docs/workers.md). worker_max_count None: one per CPU core.
+    worker_auto_scale: bool = False
+    worker_min_count: int = 1
+    worker_max_count: int | None = None
+    worker_scale_up_at: float = 0.8
+    worker_scale_down_at: float = 0.3
+    worker_scale_up_window: float = 10.0
+    worker_scale_down_window: float = 60.0
+    worker_scale_cooldown: float = 30.0
     stats_interval: float = 30.0
     test_mode_idle: float = 5.0
     # The preset in effect (PROFILE, core/profiles.py) and which of its settings were set explicitly.
@@ -268,6 +277,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         worker_restart_window=_get(env, "WORKER_RESTART_WINDOW", d.worker_restart_window, pos_float),
         worker_max_messages=_get(env, "WORKER_MAX_MESSAGES", d.worker_max_messages, nonneg_int),
         worker_max_memory_mb=_get(env, "WORKER_MAX_MEMORY_MB", d.worker_max_memory_mb, nonneg_int),
+        **_autoscaling(env, d),
         stats_interval=_get(env, "STATS_INTERVAL", d.stats_interval, pos_float),
         test_mode_idle=_get(env, "TEST_MODE_IDLE", d.test_mode_idle, pos_float),
         profile=profile,
@@ -305,6 +315,31 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     if (settings.mqtt_username is None) and settings.mqtt_password is not None:
         raise ConfigError("MQTT_PASSWORD is set but MQTT_USERNAME is not")
     return settings
+
+
+def _autoscaling(env: Mapping[str, str], d: Settings) -> dict[str, Any]:
+    """WORKER_AUTO_SCALE and its bounds, thresholds and timings, checked against each other."""
+    fraction = lambda n, r: parse_float(n, r, minimum=0.0, maximum=1.0)  # noqa: E731
+    seconds = lambda n, r: parse_float(n, r, minimum=0.0)  # noqa: E731
+    out = {
+        "worker_auto_scale": _get(env, "WORKER_AUTO_SCALE", d.worker_auto_scale, parse_bool),
+        "worker_min_count": _get(env, "WORKER_MIN_COUNT", d.worker_min_count, lambda n, r: parse_int(n, r, minimum=1)),
+        "worker_max_count": _get(env, "WORKER_MAX_COUNT", d.worker_max_count, lambda n, r: parse_int(n, r, minimum=1)),
+        "worker_scale_up_at": _get(env, "WORKER_SCALE_UP_AT", d.worker_scale_up_at, fraction),
+        "worker_scale_down_at": _get(env, "WORKER_SCALE_DOWN_AT", d.worker_scale_down_at, fraction),
+        "worker_scale_up_window": _get(env, "WORKER_SCALE_UP_WINDOW", d.worker_scale_up_window, seconds),
+        "worker_scale_down_window": _get(env, "WORKER_SCALE_DOWN_WINDOW", d.worker_scale_down_window, seconds),
+        "worker_scale_cooldown": _get(env, "WORKER_SCALE_COOLDOWN", d.worker_scale_cooldown, seconds),
+    }
+    if out["worker_max_count"] is not None and out["worker_max_count"] < out["worker_min_count"]:
+        raise ConfigError(f"WORKER_MAX_COUNT={out['worker_max_count']} must not be below "
+                          f"WORKER_MIN_COUNT={out['worker_min_count']}")
+    if not 0 < out["worker_scale_up_at"] <= 1:
+        raise ConfigError(f"WORKER_SCALE_UP_AT={out['worker_scale_up_at']} must be above 0 and at most 1")
+    if out["worker_scale_down_at"] >= out["worker_scale_up_at"]:
+        raise ConfigError(f"WORKER_SCALE_DOWN_AT={out['worker_scale_down_at']} must be below "
+                          f"WORKER_SCALE_UP_AT={out['worker_scale_up_at']} (the gap between them is the hysteresis)")
+    return out
 
 
 # --- Redis Streams, database and outbox (issue 4) ----------------------------------------------

@@ -32,7 +32,7 @@ from core.status_page import render_charts, render_fragment, render_page, status
 if TYPE_CHECKING:
     from core.router import Route
     from core.runtime import Runtime
-    from core.worker_manager import WorkerManager
+    from core.worker_manager import Supervisor
 
 log = logging.getLogger("core.http")
 
@@ -406,13 +406,13 @@ class SupervisorOps:
         self.settings = settings
         self.server: OpsServer | None = None
 
-    async def start(self, manager: "WorkerManager") -> None:
+    async def start(self, manager: "Supervisor") -> None:
         routes = manager.app.routes
         self.server = OpsServer(self.settings, SupervisorSource(manager), route_patterns=[r.pattern for r in routes],
                                 checks=default_checks(self.settings) + route_checks(routes, self.settings))
         await self.server.start()
 
-    async def stop(self, manager: "WorkerManager") -> None:
+    async def stop(self, manager: "Supervisor") -> None:
         if self.server is not None:
             await self.server.stop()
 

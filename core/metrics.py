@@ -34,12 +34,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, Protocol, Sequence
 
+from core.autoscale import add_metric_families
 from core.config import Settings
 from core.stats import ProcessStats
 
 if TYPE_CHECKING:
     from core.runtime import Runtime
-    from core.worker_manager import WorkerManager
+    from core.worker_manager import Supervisor
 
 log = logging.getLogger("core.metrics")
 
@@ -241,6 +242,7 @@ class SystemSample:
     stopping: bool
     fatal: str | None
     processes: list[ProcessInfo]
+    autoscale: dict[str, Any] | None = None  # `Autoscaler.snapshot()` with WORKER_AUTO_SCALE
 
 
 class StatusSource(Protocol):
@@ -289,7 +291,7 @@ class RuntimeSource:
 class SupervisorSource:
     """`python main.py --workers`: the supervisor's own runtime (plain routes) plus the workers."""
 
-    def __init__(self, manager: "WorkerManager") -> None:
+    def __init__(self, manager: "Supervisor") -> None:
         self.manager = manager
         self._meter = _ProcessMeter()
 
@@ -322,7 +324,7 @@ class SupervisorSource:
                 rss_bytes=int(w["rss_bytes"] or 0), cpu_percent=float(w["cpu_percent"] or 0.0), stats=worker_stats,
             ))
         return SystemSample("workers", snap["pid"], float(snap["uptime"]), snap["state"] == "stopping", snap["fatal"],
-                            processes)
+                            processes, snap.get("autoscale"))
 
 
 # -- aggregation ------------------------------------------------------------------------------------
@@ -402,12 +404,18 @@ class Aggregator:
         self.known_routes = list(routes)
         self._retired: dict[str, dict[str, Any]] = {}
         self._last: dict[str, tuple[int | None, dict[str, Any]]] = {}  # slot -> (pid, countable snapshot)
+        self._departed: dict[str, Any] = {}  # what slots no longer in the pool (retired workers) counted
         self._history: deque[tuple[float, dict[str, int], dict[str, tuple[int, int]]]] = deque()
 
     def collect(self) -> SystemView:
         sample = self.source.sample()
         now = time.monotonic()
         per_process: list[tuple[ProcessInfo, dict[str, Any]]] = []
+        present = {info.id for info in sample.processes}
+        for slot in [slot for slot in self._last if slot not in present]:
+            # The totals stay monotonic when the autoscaler retires a worker.
+            _add_numbers(self._departed, self._last.pop(slot)[1])
+            _add_numbers(self._departed, self._retired.pop(slot, {}))
         for info in sample.processes:
             current = _countable(info.stats) if info.stats else None
             last = self._last.get(info.id)
@@ -424,6 +432,7 @@ class Aggregator:
                 _add_numbers(cumulative, live[1])
             per_process.append((info, cumulative))
         totals: dict[str, Any] = {}
+        _add_numbers(totals, self._departed)
         for _, cumulative in per_process:
             _add_numbers(totals, cumulative)
         routes = self._routes(totals)
@@ -582,6 +591,7 @@ def build_metric_families(view: SystemView, prefix: str = "mqtt_app") -> list[An
         backlog.add_metric([name], value)
     up = gauge("up_seconds", "Seconds since the process (supervisor) started", [])
     up.add_metric([], view.sample.uptime)
+    add_metric_families(out, view.sample.autoscale, p)
     return out
 
 

@@ -68,6 +68,7 @@ def status_data(view: "SystemView", readiness: dict[str, Any], settings: "Settin
         "events": recent_events(EVENTS_SHOWN),
         "max_inflight": settings.max_inflight,
         "history": history.data() if history is not None else None,
+        "autoscale": sample.autoscale,
     }
 
 
@@ -182,6 +183,13 @@ def render_fragment(data: dict[str, Any]) -> str:
         for name, value in sorted(data["backlog"].items()):
             parts.append(f'<tr data-backlog="{_e(name)}"><td>{_e(name)}</td><td>{_e(value)}</td></tr>')
         parts.append("</tbody></table>")
+    auto = data.get("autoscale")
+    if auto:  # its decisions are in the events feed
+        parts.append(
+            f'<h2>Autoscaling</h2><p id="autoscale"><b>{auto["workers"]}</b> worker(s) (min {auto["min"]}, '
+            f'max {auto["max"]}), utilization {auto["utilization"]:.2f}; scaled up {auto["decisions"]["up"]}, '
+            f'down {auto["decisions"]["down"]} time(s)</p>'
+        )
     parts.extend(_feeds(data))
     if data["checks"]:
         items = "".join(f"<li>{_e(k)}: {_e(v)}</li>" for k, v in sorted(data["checks"].items()))

@@ -11,8 +11,8 @@ blocks the loop stops them and the supervisor replaces the process. A handler th
 blocking the loop (a plain one stuck in the thread pool, an async one awaiting forever) leaves the
 heartbeats going, so each heartbeat also carries the age and route of the oldest handler in flight
 (`HandlerWatch`) and the supervisor replaces a worker whose oldest handler has run longer than
-WORKER_HANDLER_TIMEOUT. From the supervisor: `go` (a pre-started successor may connect now) and
-`stop`.
+WORKER_HANDLER_TIMEOUT. From the supervisor: `go` (a pre-started successor may connect now),
+`stop`, and `retire` (the autoscaler shrinks the pool: leave the groups, drain, end the session).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any, Collection, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Sequence
 
 if TYPE_CHECKING:
+    from bootstrap.app import Application
     from core.events import FeedCursor
     from core.router import Route
     from core.runtime import Runtime
@@ -121,6 +122,8 @@ class _Link:
                     self.go.set()
                 elif kind == "stop" and self.on_stop is not None:
                     self.on_stop("asked by the supervisor")
+                elif kind == "retire" and self.on_stop is not None:
+                    self.on_stop("retired by the autoscaler", retire=True)
         except (EOFError, OSError):
             self._gone()
 
@@ -150,13 +153,18 @@ class _Stopper:
         self.event = asyncio.Event()
         self.reason = ""
         self.recycle = False
+        self.retire = False
+        self.on_repeat: Callable[[], None] | None = None  # a second request (a signal) cuts a retirement short
 
-    def __call__(self, reason: str, *, recycle: bool = False) -> None:
+    def __call__(self, reason: str, *, recycle: bool = False, retire: bool = False) -> None:
         if self.event.is_set():
             log.info("%s; already stopping", reason)
+            if self.on_repeat is not None:
+                self.on_repeat()
             return
         self.reason = reason
         self.recycle = recycle
+        self.retire = retire
         self.event.set()
 
 
@@ -215,15 +223,37 @@ async def _serve(spec: WorkerSpec, conn: Connection, early: list[int]) -> int:
         link.send({"type": "recycling" if stopper.recycle else "stopping", "reason": stopper.reason})
         for task in background:
             task.cancel()
-        clean = await runtime.stop() if started else True
+        if stopper.retire and started:
+            clean, retired = await retire(app, runtime, spec.index, stopper)
+        else:
+            clean, retired = (await runtime.stop() if started else True), False
     finally:
         ticker.cancel()
-    link.send({"type": "bye", "clean": clean, "stats": runtime.stats.snapshot(), "reason": stopper.reason,
-               **feeds.take()})
+    link.send({"type": "bye", "clean": clean, "retired": retired, "stats": runtime.stats.snapshot(),
+               "reason": stopper.reason, **feeds.take()})
     link.close()
     if not clean:
         return EXIT_FAILED
     return EXIT_RECYCLE if stopper.recycle else EXIT_OK
+
+
+async def retire(app: "Application", runtime: "Runtime", index: int, stopper: _Stopper) -> tuple[bool, bool]:
+    """Leave the shared groups, finish and ack what is in flight, then end the session once it is empty.
+
+    Ending a session discards what is queued in it, so after disconnecting (session kept) the worker
+    reconnects as itself and drains it behind a marker like a larger run's leftover session
+    (`ParkedSessions`): what the broker had dealt it before the UNSUBACK is handled, then the
+    session is ended (expiry 0). (clean, session ended); a stop signal meanwhile keeps the session.
+    """
+    from core.worker_manager import ParkedSessions
+
+    if not await runtime.client.unsubscribe():
+        log.warning("no UNSUBACK while leaving the shared groups; the drain below leaves them again")
+    clean = await runtime.stop()
+    parked = ParkedSessions(app, index)
+    stopper.on_repeat = parked.stop
+    ended = await parked.end_session(index, "this worker, retired by the autoscaler")
+    return clean, ended
 
 
 async def _first(*awaitables: Any) -> None:
@@ -328,6 +358,8 @@ async def _tick(runtime: "Runtime", settings: Any, link: _Link, stopper: _Stoppe
     """Heartbeats with stats, and the recycling limits, checked from the event loop."""
     import psutil
 
+    from core.autoscale import LoadMeter
+
     proc = psutil.Process()
     proc.cpu_percent(None)
     interval = heartbeat_interval(settings.worker_heartbeat_timeout)
@@ -341,7 +373,9 @@ async def _tick(runtime: "Runtime", settings: Any, link: _Link, stopper: _Stoppe
         max_memory_mb = 0
     next_beat = 0.0
     watch = HandlerWatch()
+    meter = LoadMeter()  # the autoscaler's averages (core/autoscale.py)
     while True:
+        meter.tick(runtime.dispatcher.inflight)
         rss = None
         beat = time.monotonic() >= next_beat
         if beat:
@@ -354,6 +388,7 @@ async def _tick(runtime: "Runtime", settings: Any, link: _Link, stopper: _Stoppe
         if beat:
             stats = runtime.stats.snapshot()
             stats["inflight"] = runtime.dispatcher.inflight
+            stats["load"] = meter.read(time.monotonic(), stats["routes"])
             link.send({"type": "hb", "stats": stats, "rss": rss, "cpu": proc.cpu_percent(None),
                        "connected": runtime.client.state.connected,
                        "oldest": watch.oldest(runtime.dispatcher.running, time.monotonic()), **feeds.take()})

@@ -3,9 +3,10 @@
 The main process runs one asyncio loop that starts the embedded broker (if used), spawns the
 workers (spawn start method, see `core.worker`), serves the non-shared routes itself on plain
 subscriptions, drains sessions a previous, larger run left behind, and supervises: exits,
-heartbeats, restarts with backoff, crash loops, recycling hand-overs, stats lines and shutdown.
+heartbeats, restarts with backoff, crash loops, recycling hand-overs, stats lines and shutdown;
+with WORKER_AUTO_SCALE it also grows and shrinks the pool (decisions in `core.autoscale`).
 
-`WorkerManager.snapshot()` is the live view (plain data) and `SupervisorService`s (an HTTP status
+`Supervisor.snapshot()` is the live view (plain data) and `SupervisorService`s (an HTTP status
 server, metrics) start and stop with the supervisor.
 """
 
@@ -26,11 +27,13 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
+from core.autoscale import Autoscaler, ScalePolicy, WorkerLoad
 from core.backoff import backoff_delay
 from core.config import SETTING_NAMES, Settings, load_settings
 from core.events import ingest_from_worker, record_event
 from core.router import Router
-from core.worker import EXIT_RECYCLE, WorkerSpec, client_id_for, leave_stale, serve_only, worker_main
+from core.worker import (EXIT_RECYCLE, WorkerSpec, client_id_for, heartbeat_interval, leave_stale, serve_only,
+                         worker_main)
 
 if TYPE_CHECKING:
     from bootstrap.app import Application
@@ -50,9 +53,9 @@ PARKED_PROBE_MISSES = 3  # ids probed above the worker count until this many in 
 class SupervisorService(Protocol):
     """Something that lives as long as the supervisor (status HTTP server, metrics aggregation)."""
 
-    async def start(self, manager: "WorkerManager") -> None: ...
+    async def start(self, manager: "Supervisor") -> None: ...
 
-    async def stop(self, manager: "WorkerManager") -> None: ...
+    async def stop(self, manager: "Supervisor") -> None: ...
 
 
 @dataclass(frozen=True)
@@ -92,9 +95,17 @@ def plan_workers(shared: Sequence["Route"], workers: int | None, cpus: int) -> W
     return WorkerPlan(cpus, True, f"one per CPU core ({cpus}); no shared route sets worker_count")
 
 
+def autoscale_plan(plan: WorkerPlan, policy: ScalePolicy) -> WorkerPlan:
+    """WORKER_AUTO_SCALE: start with the planned count within the bounds, every worker on every shared route."""
+    count = policy.clamp(plan.count)
+    return WorkerPlan(count, True, f"autoscaling between WORKER_MIN_COUNT={policy.min_count} and "
+                                   f"WORKER_MAX_COUNT={policy.max_count}, starting at {count} ({plan.reason})")
+
+
 # -- state ------------------------------------------------------------------------------------
 
 STARTING, RUNNING, RECYCLING, BACKOFF, STOPPING, STOPPED = "starting", "running", "recycling", "backoff", "stopping", "stopped"
+RETIRING = "retiring"  # the autoscaler retires it: it leaves its groups, drains and ends its session
 _COUNTERS = ("received", "handled", "failed", "dead_lettered", "unrouted", "dropped_on_shutdown", "responses")
 
 
@@ -119,6 +130,7 @@ class WorkerProcess:
     stopping: str | None = None
     kill_reason: str | None = None
     clean: bool | None = None
+    retired: bool = False  # its "bye" says it ended its session after retiring
     reader_open: bool = True
 
     @property
@@ -169,7 +181,7 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
-class WorkerManager:
+class Supervisor:
     """Runs and supervises the worker processes of one app; `run()` returns the exit code."""
 
     def __init__(
@@ -208,6 +220,11 @@ class WorkerManager:
         self._all_ready_logged = False
         self._next_stats = 0.0
         self._broker: Any = None
+        self._autoscaler: Autoscaler | None = None
+        if self.settings.worker_auto_scale and plan.count:
+            policy = ScalePolicy.from_settings(self.settings, available_cpus())
+            self._autoscaler = Autoscaler(policy, self.settings.max_inflight, time.monotonic())
+        self._next_scale = 0.0
 
     def add_service(self, service: SupervisorService) -> None:
         """Register a service before `run()` (started after the workers, stopped before the broker)."""
@@ -255,6 +272,7 @@ class WorkerManager:
                 "stats": {**main.stats.snapshot(), "inflight": main.dispatcher.inflight},
             },
             "parked": {client_id: dict(info) for client_id, info in self._parked.info.items()},
+            "autoscale": None if self._autoscaler is None else self._autoscaler.snapshot(len(self.slots)),
             "fatal": self._fatal,
         }
 
@@ -342,6 +360,9 @@ class WorkerManager:
             if now >= self._next_stats:
                 self._next_stats = now + self.settings.stats_interval
                 self.log_stats()
+            if self._autoscaler is not None and now >= self._next_scale:
+                self._next_scale = now + heartbeat_interval(self.settings.worker_heartbeat_timeout)
+                self._autoscale(self._autoscaler, now)
             if self._main_task is not None and self._main_task.done() and not self.test_mode:
                 self.request_stop("the main process's runtime ended")
             if self.test_mode and self._all_done():
@@ -423,6 +444,7 @@ class WorkerManager:
             proc.stopping = str(message.get("reason"))
         elif kind == "bye":
             proc.clean = bool(message.get("clean"))
+            proc.retired = bool(message.get("retired"))
             proc.stats = message.get("stats") or proc.stats
             ingest_from_worker(message, slot.worker_id)
 
@@ -488,6 +510,9 @@ class WorkerManager:
         slot.last_exit = proc.kill_reason or what
         if self._stopping:
             return
+        if slot.state == RETIRING:
+            self._end_retirement(slot, proc)
+            return
         if code == 0 and self.test_mode:
             slot.state = STOPPED
             log.info("worker %s (pid %d) finished (test mode)", slot.worker_id, proc.pid)
@@ -525,6 +550,46 @@ class WorkerManager:
                   slot.worker_id, proc.pid, why, delay, crashes, limit, self.settings.worker_restart_window)
         record_event("restart", f"worker {slot.worker_id} (pid {proc.pid}) died: {why}; restarting in {delay:.1f} s")
         self._schedule_restart(slot, delay)
+
+    # -- autoscaling (WORKER_AUTO_SCALE) ------------------------------------------------------------
+
+    def _autoscale(self, scaler: Autoscaler, now: float) -> None:
+        """Feed the workers' latest heartbeat figures to the autoscaler and act on its decision.
+
+        Growing adds the next indexes; shrinking retires the highest one, so the ids in use stay
+        `-w0`..`-w<n-1>` and the next start's probe for larger runs' sessions still finds leftovers.
+        """
+        settled = (self._parked_task is not None and self._parked_task.done()
+                   and all(s.state == RUNNING and s.current is not None and s.current.ready for s in self.slots))
+        loads = {s.worker_id: WorkerLoad.from_stats(s.current.stats) for s in self.slots if s.current is not None}
+        decision = scaler.observe(now, loads, len(self.slots), settled)
+        if decision is None:
+            return
+        log.info("autoscale: %d -> %d worker(s): %s", decision.before, decision.after, decision.reason)
+        record_event("autoscale", f"{decision.before} -> {decision.after} worker(s): {decision.reason}")
+        if decision.after > decision.before:
+            for index in range(decision.before, decision.after):
+                slot = WorkerSlot(index, client_id_for(self.settings.mqtt_client_id, index))
+                self.slots.append(slot)
+                self._start_slot(slot)
+            self._all_ready_logged = False
+            return
+        slot = self.slots[-1]
+        slot.state = RETIRING
+        if slot.current is not None:
+            _send(slot.current.conn, {"type": "retire"})
+
+    def _end_retirement(self, slot: WorkerSlot, proc: WorkerProcess) -> None:
+        """A retiring worker exited: gone if it ended its session, else started again to resume that session."""
+        if proc.retired and proc.process.exitcode == 0:
+            self.slots.remove(slot)
+            log.info("worker %s (pid %d) retired: it left its groups, finished what was in flight and parked, "
+                     "and ended its session", slot.worker_id, proc.pid)
+            record_event("autoscale", f"worker {slot.worker_id} retired: left its groups, drained, session ended")
+            return
+        log.warning("worker %s (pid %d) did not finish retiring (%s); starting it again with its client id so "
+                    "that nothing its session holds is lost", slot.worker_id, proc.pid, slot.last_exit)
+        self._start_slot(slot)
 
     def _schedule_restart(self, slot: WorkerSlot, delay: float) -> None:
         slot.state = BACKOFF
@@ -574,6 +639,11 @@ class WorkerManager:
                 totals["failed"], totals["dead_lettered"], int(proc.stats.get("inflight", 0)) if proc else 0,
                 (proc.rss if proc else 0) / 2**20, proc.cpu if proc else 0.0, slot.restarts, slot.recycles,
             )
+        if self._autoscaler is not None:
+            auto = self._autoscaler
+            log.info("stats autoscale workers=%d (min %d, max %d) utilization=%.2f decisions: %d up, %d down",
+                     len(self.slots), auto.policy.min_count, auto.policy.max_count, auto.utilization,
+                     auto.counts["up"], auto.counts["down"])
         main = self._main_runtime
         if main is not None:
             s = main.stats
@@ -727,6 +797,15 @@ class ParkedSessions:
             misses = 0 if found else misses + 1
             index += 1
         return clean
+
+    async def end_session(self, index: int, left_by: str) -> bool:
+        """Drain and end the session of worker `index` only; True once it is ended (or there was none)."""
+        client_id = client_id_for(self.settings.mqtt_client_id, index)
+        routes = self._routes()
+        leave = [f"$share/{self.settings.mqtt_group_name}/{route.filter}" for route in routes]
+        found, _ = await self._drain(client_id, f"w{index}-retired", routes, leave, left_by)
+        # `_drain` keeps a session it could not empty, and says so in `info`.
+        return found is not None and self.info.get(client_id, {}).get("state", "ended") == "ended"
 
     def _routes(self) -> list["Route"]:
         # With no shared route left (they became plain), handle what is parked with the routes there are.
@@ -911,5 +990,7 @@ def run_supervisor(
     if plan.count == 0:
         log.warning("no route has shared=True, so there is nothing for worker processes to do; "
                     "serving the plain routes in this process")
-    manager = WorkerManager(app, plan, test_mode=test_mode, services=services)
+    if app.settings.worker_auto_scale and plan.count:
+        plan = autoscale_plan(plan, ScalePolicy.from_settings(app.settings, available_cpus()))
+    manager = Supervisor(app, plan, test_mode=test_mode, services=services)
     return asyncio.run(manager.run())

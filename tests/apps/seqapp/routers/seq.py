@@ -12,6 +12,8 @@ SEQAPP_HANG_SEQ     this sequence number's handler hangs without blocking the ev
 SEQAPP_GATE_FROM    sequence numbers from this one on wait (awaiting, the loop goes on) until the file
                     SEQAPP_GATE exists; each writes `<worker_id> <pid> <seq>` to SEQAPP_GATED when it
                     starts waiting, so a test knows handlers are in flight instead of hoping so
+SEQAPP_HOLD         file: while it exists and lists `*` or the handling worker's id (one a line), the
+                    shared (async) handlers of that worker await before recording
 SEQAPP_SYNC         1: the shared routes use a plain (sync) handler, run in the thread pool
 SEQAPP_NO_PLAIN     1: leave out the plain route `plain/in` (the supervisor then runs no main runtime)
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 from core.context import MessageContext
 from core.router import Router
@@ -36,6 +39,7 @@ _SYNC = os.environ.get("SEQAPP_SYNC", "") == "1"
 _GATE_FROM = int(os.environ.get("SEQAPP_GATE_FROM", "-1") or -1)
 _GATE = os.environ.get("SEQAPP_GATE", "")
 _GATED = os.environ.get("SEQAPP_GATED", "")
+_HOLD = os.environ.get("SEQAPP_HOLD", "")
 _fds: dict[str, int] = {}
 
 
@@ -71,6 +75,8 @@ async def handle_shared(payload: str, context: MessageContext) -> None:
         while not _released():
             await asyncio.sleep(0.05)  # awaiting forever: the event loop (and heartbeat) go on
     await _wait_at_gate(context.worker_id, seq)
+    while _HOLD and _held(context.worker_id):
+        await asyncio.sleep(0.05)
     if _DELAY:
         await asyncio.sleep(_DELAY)
     record(context.worker_id, seq)
@@ -84,6 +90,14 @@ def _should_hang(seq: int) -> bool:
             return False
         open(_MARKER, "w").close()
     return True
+
+
+def _held(worker_id: str) -> bool:
+    try:
+        listed = Path(_HOLD).read_text().split()
+    except FileNotFoundError:
+        return False
+    return "*" in listed or worker_id in listed
 
 
 def _released() -> bool:
