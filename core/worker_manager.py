@@ -34,6 +34,7 @@ from core.events import ingest_from_worker, record_event
 from core.router import Router
 from core.worker import (EXIT_RECYCLE, WorkerSpec, client_id_for, heartbeat_interval, leave_stale, serve_only,
                          worker_main)
+from core.worker_api import WorkerManager  # noqa: F401 - the seed's programmatic API, a layer over Supervisor
 
 if TYPE_CHECKING:
     from bootstrap.app import Application
@@ -192,8 +193,10 @@ class Supervisor:
         test_mode: bool = False,
         services: Sequence[SupervisorService] = (),
         mp_context: Any = None,
+        handle_signals: bool = True,  # False off the main thread (`WorkerManager`, core/worker_api.py)
     ) -> None:
         self.app = app
+        self.handle_signals = handle_signals
         self.settings: Settings = app.settings
         self.plan = plan
         self.test_mode = test_mode
@@ -292,7 +295,8 @@ class Supervisor:
         """Serve until a signal (or, in test mode, until everything is idle); the exit code."""
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._install_signals(loop)
+        if self.handle_signals:
+            self._install_signals(loop)
         settings = self.settings
         if settings.uses_embedded_broker:
             from core.embedded_broker import EmbeddedBroker

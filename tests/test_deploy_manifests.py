@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +21,39 @@ from core.config import SETTING_NAMES, load_settings
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
 STOP_GRACE = 5  # core.worker_manager.STOP_GRACE: the supervisor's wait on top of SHUTDOWN_TIMEOUT
+EXIT_MARGIN = 5  # then the supervisor disconnects its own client, stops its services and exits
+
+
+def kustomize_documents(directory: Path) -> list[dict[str, Any]]:
+    """The objects a kustomization lists (its resources, directories followed), without its patches."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    docs: list[dict[str, Any]] = []
+    for resource in kustomization["resources"]:
+        path = (directory / resource).resolve()
+        if path.is_dir():
+            docs.extend(kustomize_documents(path))
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert isinstance(doc, dict) and "kind" in doc, f"{path}: not a Kubernetes object"
+            docs.append(doc)
+    return docs
 
 
 def k8s_documents() -> dict[str, dict[str, Any]]:
-    docs: dict[str, dict[str, Any]] = {}
-    for path in sorted(K8S.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            assert isinstance(doc, dict) and "kind" in doc, f"{path.name}: not a Kubernetes object"
-            docs[doc["kind"]] = doc
+    """The Deployment variant (`kubectl apply -k deploy/kubernetes/`) by kind, plus its Kustomization."""
+    docs = {doc["kind"]: doc for doc in kustomize_documents(K8S)}
+    docs["Kustomization"] = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     return docs
+
+
+def kustomize_build(directory: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize` (kustomize built into kubectl), when this machine has it."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed; the static checks still ran")
+    done = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +153,14 @@ def _seconds(text: str) -> float:
 
 def test_kubernetes_objects_and_kustomization(k8s: dict[str, dict[str, Any]]) -> None:
     assert {"ConfigMap", "Secret", "Deployment", "Service", "HorizontalPodAutoscaler", "Kustomization"} <= set(k8s)
-    listed = set(k8s["Kustomization"]["resources"])
-    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert "StatefulSet" not in k8s
+    # Every manifest is used: listed as a resource or a patch of the kustomization in its directory.
+    for path in K8S.rglob("*.yaml"):
+        if path.name == "kustomization.yaml":
+            continue
+        kustomization = yaml.safe_load((path.parent / "kustomization.yaml").read_text())
+        used = set(kustomization["resources"]) | {patch.get("path") for patch in kustomization.get("patches", [])}
+        assert path.name in used, f"{path.relative_to(ROOT)} is in no kustomization"
 
 
 def test_deployment_probes_grace_period_env_and_resources(k8s: dict[str, dict[str, Any]]) -> None:
@@ -144,7 +176,7 @@ def test_deployment_probes_grace_period_env_and_resources(k8s: dict[str, dict[st
 
     settings = load_settings({**config, **secret, "MQTT_CLIENT_ID": "pod-name"})
     assert settings.http_host == "0.0.0.0"  # the kubelet's probes come from outside the pod
-    assert pod["terminationGracePeriodSeconds"] > settings.shutdown_timeout + STOP_GRACE
+    assert pod["terminationGracePeriodSeconds"] >= settings.shutdown_timeout + STOP_GRACE + EXIT_MARGIN
 
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["http"] == settings.http_port
@@ -188,3 +220,62 @@ def test_service_targets_the_pods_http_port(k8s: dict[str, dict[str, Any]]) -> N
     labels = k8s["Deployment"]["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
     assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+# -- the StatefulSet variant (deploy/kubernetes/statefulset/) -------------------------------------------
+
+
+def _statefulset_overlay() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    overlay = K8S / "statefulset"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    docs = {}
+    for name in kustomization["resources"]:
+        if not name.startswith(".."):
+            doc = yaml.safe_load((overlay / name).read_text())
+            docs[doc["kind"] if doc["kind"] != "Service" else "HeadlessService"] = doc
+    return kustomization, docs
+
+
+def test_statefulset_runs_the_deployments_pod_template(k8s: dict[str, dict[str, Any]]) -> None:
+    from core.worker_manager import STOP_GRACE as supervisor_stop_grace
+
+    assert supervisor_stop_grace == STOP_GRACE
+    kustomization, docs = _statefulset_overlay()
+    assert kustomization["resources"][0] == "../base"
+    statefulset, deployment = docs["StatefulSet"], k8s["Deployment"]
+    assert statefulset["apiVersion"] == "apps/v1"
+    assert statefulset["metadata"]["name"] == deployment["metadata"]["name"]
+    # The same pod: containers, probes, grace period, MQTT_CLIENT_ID from the (now stable) pod name.
+    assert statefulset["spec"]["template"] == deployment["spec"]["template"]
+    assert statefulset["spec"]["selector"] == deployment["spec"]["selector"]
+    headless = docs["HeadlessService"]
+    assert statefulset["spec"]["serviceName"] == headless["metadata"]["name"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"].items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
+    assert statefulset["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+
+
+def test_statefulset_overlay_retargets_the_hpa_and_keeps_sessions_longer(k8s: dict[str, dict[str, Any]]) -> None:
+    kustomization, _ = _statefulset_overlay()
+    inline = [yaml.safe_load(p["patch"]) for p in kustomization["patches"] if "patch" in p]
+    assert [{"op": "replace", "path": "/spec/scaleTargetRef/kind", "value": "StatefulSet"}] in inline
+    [expiry] = [yaml.safe_load((K8S / "statefulset" / p["path"]).read_text())
+                for p in kustomization["patches"] if "path" in p]
+    assert expiry["metadata"]["name"] == k8s["ConfigMap"]["metadata"]["name"]
+    base_expiry = int(k8s["ConfigMap"]["data"]["MQTT_SESSION_EXPIRY"])
+    assert int(expiry["data"]["MQTT_SESSION_EXPIRY"]) > base_expiry
+
+
+@pytest.mark.parametrize("variant, workload", [("", "Deployment"), ("statefulset", "StatefulSet")])
+def test_both_variants_build_with_kustomize(variant: str, workload: str) -> None:
+    built = kustomize_build(K8S / variant)
+    kinds = sorted(doc["kind"] for doc in built)
+    other = {"Deployment": "StatefulSet", "StatefulSet": "Deployment"}[workload]
+    assert workload in kinds and other not in kinds
+    by_kind = {doc["kind"]: doc for doc in built}
+    target = by_kind["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == (workload, by_kind[workload]["metadata"]["name"])
+    settings = load_settings({**by_kind["ConfigMap"]["data"], **by_kind["Secret"]["stringData"],
+                              "MQTT_CLIENT_ID": "pod-name"})
+    grace = by_kind[workload]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= settings.shutdown_timeout + STOP_GRACE + EXIT_MARGIN
