@@ -135,6 +135,9 @@ def test_workers_grow_under_a_burst_and_shrink_when_idle_losing_nothing(
     assert metric(metrics, "mqtt_app_autoscale_decisions_total", direction="up") == len(ups)
     assert metric(metrics, "mqtt_app_autoscale_decisions_total", direction="down") == len(downs)
     assert metric(metrics, "mqtt_app_autoscale_workers") == 1
+    events = [e["text"] for e in json.loads(http_get(status)[1])["events"] if e["kind"] == "autoscale"]
+    assert sum("worker(s): utilization" in text for text in events) == len(decisions(app)), events
+    assert sum("retired" in text for text in events) == 2, events
     # The route's total keeps what the retired workers had reported (not only what w0 handled).
     handled_total = metric(metrics, "mqtt_app_route_messages_handled_total", route="seq/in")
     print(f"mqtt_app_route_messages_handled_total{{route=seq/in}} = {handled_total:g} of {len(expected)} handled "
