@@ -19,38 +19,19 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
-from tests.integration.test_workers import AppProcess, Publisher, Records, app_env, report, session_present, wait_for
+from tests.integration.test_workers import (AppProcess, Publisher, Records, app_env, report, session_present,
+                                            wait_for)
+from tests.integration.test_workers import broker, harness  # noqa: F401 - the same fixtures
 from tests.support.ops import http_get, metric, scrape
 from tests.support.servers import MosquittoServer, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 DECISION = re.compile(r"autoscale: (\d+) -> (\d+) worker\(s\)")
-
-
-@pytest.fixture
-def broker(mosquitto_factory: Callable[..., MosquittoServer]) -> MosquittoServer:
-    return mosquitto_factory(max_queued=100_000)
-
-
-@pytest.fixture
-def app_process(tmp_path: Path) -> Iterator[Callable[..., AppProcess]]:
-    apps: list[AppProcess] = []
-
-    def start(env: dict[str, str], *args: str) -> AppProcess:
-        app = AppProcess(tmp_path, env, list(args), name=f"app{len(apps)}")
-        apps.append(app)
-        return app
-
-    try:
-        yield start
-    finally:
-        for app in apps:
-            app.stop()
 
 
 def decisions(app: AppProcess) -> list[tuple[int, int]]:
@@ -72,7 +53,7 @@ def publish_until(publisher: Publisher, first: int, condition: Callable[[], bool
 
 
 def test_workers_grow_under_a_burst_and_shrink_when_idle_losing_nothing(
-    broker: MosquittoServer, app_process: Any, tmp_path: Path
+    broker: MosquittoServer, harness: Any, tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
     gate.write_text("*")
@@ -86,7 +67,7 @@ def test_workers_grow_under_a_burst_and_shrink_when_idle_losing_nothing(
         WORKER_SCALE_UP_WINDOW="0.5", WORKER_SCALE_DOWN_WINDOW="1", WORKER_SCALE_COOLDOWN="1",
         WORKER_HEARTBEAT_TIMEOUT="2", HTTP_PORT=str(http_port),
     )
-    app = app_process(env, "--workers", "1")
+    app = harness(env, "--workers", "1")
     app.wait_ready(1)
     publisher = Publisher(broker.port)
     status = f"http://127.0.0.1:{http_port}/status.json"
