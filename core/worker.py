@@ -247,11 +247,11 @@ async def retire(app: "Application", runtime: "Runtime", index: int, stopper: _S
     """
     from core.worker_manager import ParkedSessions
 
+    parked = ParkedSessions(app, index)
+    stopper.on_repeat = parked.stop
     if not await runtime.client.unsubscribe():
         log.warning("no UNSUBACK while leaving the shared groups; the drain below leaves them again")
     clean = await runtime.stop()
-    parked = ParkedSessions(app, index)
-    stopper.on_repeat = parked.stop
     ended = await parked.end_session(index, "this worker, retired by the autoscaler")
     return clean, ended
 
