@@ -250,3 +250,34 @@ def test_charts_draw_after_traffic_and_dead_letters_show_behind_a_path_prefix(
 
 def _points(history: dict[str, Any], group: str, name: str, metric: str) -> list[float]:
     return [v for v in history[group].get(name, {}).get(metric, []) if v is not None]
+
+
+def test_single_process_history_has_the_route_and_the_process(mosquitto_factory: Any, app_factory: Any,  # noqa: F811
+                                                               unique_id: str) -> None:
+    """`python main.py` (no workers): the charts' data covers its routes and its one process, `main`."""
+    broker = mosquitto_factory()
+    app, url = app_factory(broker, STATUS_HISTORY_INTERVAL="0.5", STATUS_HISTORY_WINDOW="60", MAX_INFLIGHT="7")
+    wait_until_sync(lambda: ready(url), f"/ready to answer 200\n{app.output}", 60)
+    pub = Publisher(broker.host, broker.port, f"{unique_id}-pub")
+    try:
+        for i in range(30):
+            pub.publish(f"ops/d{i % 3}/data", {"value": i})
+        pub.publish("ops/d1/fail", {})
+    finally:
+        pub.close()
+
+    def history() -> dict[str, Any]:
+        return json.loads(http_get(url + "/status.json")[1])["history"]
+
+    def handled_and_failed() -> bool:
+        h = history()
+        return (sum(_points(h, "routes", DATA_ROUTE, "rate")) > 0 and sum(_points(h, "processes", "main", "errors")) > 0
+                and bool(_points(h, "processes", "main", "p99")))
+
+    wait_until_sync(handled_and_failed, "points with the messages and the dead letter")
+    h = history()
+    assert set(h["processes"]) == {"main"} and "ops/{device_id}/fail" in h["routes"]
+    assert len(h["times"]) == len(h["processes"]["main"]["rate"])  # every line is aligned with the times
+    page = http_get(url + "/?fragment=charts")[1]
+    assert 'MAX_INFLIGHT <b>7</b>' in page and 'data-series="main"' in page
+    assert app.stop() == 0
