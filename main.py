@@ -133,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (EmbeddedBrokerError, OpsServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RouteError as exc:  # a route that cannot work with this many workers (e.g. ordered=True)
+        print(f"route error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -24,6 +24,7 @@ from core.context import MessageContext, Services
 from core.events import record_dead_letter
 from core.intake import Intake
 from core.middleware import CallNext, build_chain
+from core.ordering import TopicSequencer
 from core.payload import PayloadError, decode_payload
 from core.router import Route, RouteTable
 from core.stats import ProcessStats
@@ -43,7 +44,7 @@ class DeadLetter(Exception):
 class _Endpoint:
     """A route ready to run: its middleware chain and options, built once."""
 
-    __slots__ = ("route", "chain", "timeout", "fmt", "pattern", "stats")
+    __slots__ = ("route", "chain", "timeout", "fmt", "pattern", "stats", "ordered")
 
     def __init__(self, route: Route, chain: CallNext, stats: ProcessStats) -> None:
         self.route = route
@@ -52,6 +53,7 @@ class _Endpoint:
         self.fmt = route.payload_format
         self.pattern = route.pattern
         self.stats = stats.route(route.pattern)
+        self.ordered = route.ordered
 
 
 class Dispatcher:
@@ -91,6 +93,8 @@ class Dispatcher:
             endpoint = _Endpoint(route, self._make_chain(route), stats)
             self._endpoints[id(route)] = endpoint
             self._by_sub_id.append(endpoint)
+        # Per-topic turns for ordered routes (core.ordering); None when no route is ordered.
+        self.sequencer = TopicSequencer() if any(route.ordered for route in table.routes) else None
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -168,26 +172,31 @@ class Dispatcher:
         except UnicodeDecodeError:
             topic = ""
         raw: bytes = message.payload
+        turn = None
         try:
+            targets = self._resolve(topic, topic.split("/"), message) if topic else []
+            if self.sequencer is not None and any(endpoint.ordered for endpoint, _ in targets):
+                turn = self.sequencer.turn(topic)  # taken now, in arrival order; waited for before a slot
+                await turn.wait()
             # The network thread has to keep reading while handlers wait for the PUBACKs of their
             # own publishes, so intake alone cannot bound the handlers: this does.
             async with self._slots:
                 if not topic:
                     await self._dead_letter(None, "<invalid UTF-8 topic>", raw, message, "TopicError",
                                             "topic is not valid UTF-8")
-                else:
-                    levels = topic.split("/")
-                    targets = self._resolve(topic, levels, message)
-                    if not targets:
-                        self.stats.unrouted += 1
-                        await self._dead_letter(None, topic, raw, message, "NoRoute", "no route matches this topic")
-                    for endpoint, params in targets:
-                        await self._run(endpoint, topic, params, raw, message)
+                elif not targets:
+                    self.stats.unrouted += 1
+                    await self._dead_letter(None, topic, raw, message, "NoRoute", "no route matches this topic")
+                for endpoint, params in targets:
+                    await self._run(endpoint, topic, params, raw, message)
         except asyncio.CancelledError:
             raise  # shutdown gave up on this message: no ack, the broker redelivers it
         except Exception:
             # Only the dead-letter publish itself can land here (e.g. the broker refused it).
             log.exception("could not dead-letter a message on %r; acknowledging it to keep the session moving", topic)
+        finally:
+            if turn is not None:
+                turn.release()
         if ticket is not None:
             self.acks.complete(ticket)
 

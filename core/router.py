@@ -36,6 +36,7 @@ from core.wire import string_problem
 ROUTE_OPTIONS: dict[str, Any] = {
     "qos": 0, "shared": False, "worker_count": 1, "middleware": (), "payload_format": "auto", "timeout": None,
     "stream": None, "name": None,
+    "ordered": False,  # one message per topic at a time, in arrival order (core.ordering); `route.ordered`
     "meta": None,  # a free-form dict for middleware and tools: `route.options["meta"]`
 }
 
@@ -201,6 +202,11 @@ class Route:
     @property
     def params(self) -> tuple[str, ...]:
         return self.compiled.params
+
+    @property
+    def ordered(self) -> bool:
+        """`ordered=True`: the messages of one topic are handled one at a time, in arrival order."""
+        return bool(self.options.get("ordered", False))
 
     def subscription_topic(self, group: str) -> str:
         """What this route subscribes to: `$share/<group>/<filter>` when shared."""
@@ -380,6 +386,10 @@ class Router:
             except TypeError as exc:
                 raise RouteError(str(exc)) from None
         _check_options(options, chain, where)
+        if "ordered" in options:
+            from core.ordering import check_ordered_option  # late: core.ordering imports this module
+
+            check_ordered_option(options["ordered"], worker_count, stream, where)
         try:
             spec = HandlerSpec(handler, compiled.params, where)
         except TypeError as exc:

@@ -25,12 +25,13 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 from core.autoscale import Autoscaler, ScalePolicy, WorkerLoad
 from core.backoff import backoff_delay
 from core.config import SETTING_NAMES, Settings, load_settings
 from core.events import ingest_from_worker, record_event
+from core.ordering import check_ordered_routes
 from core.router import Router
 from core.worker import (EXIT_RECYCLE, WorkerSpec, client_id_for, heartbeat_interval, leave_stale, serve_only,
                          worker_main)
@@ -101,6 +102,13 @@ def autoscale_plan(plan: WorkerPlan, policy: ScalePolicy) -> WorkerPlan:
     count = policy.clamp(plan.count)
     return WorkerPlan(count, True, f"autoscaling between WORKER_MIN_COUNT={policy.min_count} and "
                                    f"WORKER_MAX_COUNT={policy.max_count}, starting at {count} ({plan.reason})")
+
+
+def ordered_route_processes(plan: WorkerPlan, most: int | None = None) -> Callable[["Route"], int]:
+    """How many worker processes may subscribe to a shared route under `plan` (for `check_ordered_routes`);
+    `most`: the autoscaler's WORKER_MAX_COUNT, when it may add workers."""
+    count = max(plan.count, most or 0)
+    return lambda route: count if plan.all_routes else min(route.worker_count, count)
 
 
 # -- state ------------------------------------------------------------------------------------
@@ -994,7 +1002,10 @@ def run_supervisor(
     if plan.count == 0:
         log.warning("no route has shared=True, so there is nothing for worker processes to do; "
                     "serving the plain routes in this process")
+    most = None
     if app.settings.worker_auto_scale and plan.count:
-        plan = autoscale_plan(plan, ScalePolicy.from_settings(app.settings, available_cpus()))
+        policy = ScalePolicy.from_settings(app.settings, available_cpus())
+        plan, most = autoscale_plan(plan, policy), policy.max_count
+    check_ordered_routes(app.shared_routes(), ordered_route_processes(plan, most))  # RouteError naming the route
     manager = Supervisor(app, plan, test_mode=test_mode, services=services)
     return asyncio.run(manager.run())

@@ -86,3 +86,11 @@ def test_bench_workers_runs_one_and_two_workers() -> None:
     assert len(by_workers["2"][3].split(" / ")) == 2  # both workers took a share
     for row in by_workers.values():
         assert row[-1] == "0", f"the app did not exit 0: {row}"
+
+
+@pytest.mark.integration
+@needs_mosquitto
+def test_bench_ordering_prints_both_handlers() -> None:
+    out = run_bench("bench.bench_ordering", "--count", "200", "--topics", "5", "--repeat", "1")
+    rows = {r[0]: r[1:] for r in table_rows(out)}
+    assert set(rows) == {"handler", "trivial", "awaits 1 ms"}, out
