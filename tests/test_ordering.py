@@ -100,13 +100,14 @@ def test_an_ordered_route_that_cannot_hold_fails_at_registration(kwargs: dict[st
     assert "'devices/{id}/status'" in str(info.value) and "tests.test_ordering" in str(info.value)
 
 
-@pytest.mark.parametrize("plan, count", [
-    (WorkerPlan(4, True, "--workers 4"), 4),  # every worker on every shared route
-    (WorkerPlan(3, False, "largest worker_count"), 1),  # worker_count=1: only w0 subscribes
+@pytest.mark.parametrize("plan, most, count", [
+    (WorkerPlan(4, True, "--workers 4"), None, 4),  # every worker on every shared route
+    (WorkerPlan(3, False, "largest worker_count"), None, 1),  # worker_count=1: only w0 subscribes
+    (WorkerPlan(1, True, "autoscaling"), 3, 3),  # the autoscaler may grow to WORKER_MAX_COUNT
 ])
-def test_processes_per_route_follow_the_worker_plan(plan: WorkerPlan, count: int) -> None:
+def test_processes_per_route_follow_the_worker_plan(plan: WorkerPlan, most: int | None, count: int) -> None:
     route = Router().on("a/{x}", handler, shared=True, ordered=True)
-    assert ordered_route_processes(plan)(route) == count
+    assert ordered_route_processes(plan, most)(route) == count
 
 
 def test_startup_check_names_the_ordered_route_spread_over_workers() -> None:
