@@ -174,6 +174,8 @@ class MqttClient:
 
     @property
     def publishes_pending(self) -> int:
+        """QoS 1/2 publishes and unsubscribes waiting for the broker's answer: reading must go on
+        to it, even at MAX_INFLIGHT (the answer may be queued behind publishes not read yet)."""
         return self._publish_waiters
 
     # -- commands: loop thread -> network thread -------------------------------------------------
@@ -544,12 +546,15 @@ class MqttClient:
             else:
                 self._settle(fut, PublishError(f"unsubscribe failed: {paho.error_string(rc)}"))
 
-        self._submit(send)
+        self._publish_waiters += 1
         try:
+            self._submit(send)
             await asyncio.wait_for(fut, timeout)
             return True
         except (asyncio.TimeoutError, PublishError):
             return False
+        finally:
+            self._publish_waiters -= 1
 
     async def publish(
         self,

@@ -613,6 +613,28 @@ async def test_handlers_publishing_at_qos1_under_backpressure_do_not_deadlock(
     await wait_until(lambda: runtime.stats.handled == 30, "30 handled")
 
 
+async def test_unsubscribe_gets_its_unsuback_while_reading_is_paused_at_max_inflight(
+        broker: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
+    """A process that leaves its groups while MAX_INFLIGHT handlers run (a worker the autoscaler
+    retires) must read on to the UNSUBACK: a broker without Receive Maximum (3.1.1) has queued it
+    behind publishes the runtime stopped reading."""
+    u = unique_id
+    release = asyncio.Event()
+
+    async def hold(n: str) -> None:
+        await release.wait()
+
+    router = Router()
+    router.on(f"{u}/in/{{n}}", hold, qos=1)
+    runtime = await serve(broker, router, MAX_INFLIGHT="2")
+    probe = await probe_factory(broker)
+    for n in range(50):
+        await probe.publish(f"{u}/in/{n}", str(n))
+    await wait_until(lambda: runtime._paused, "the runtime to stop reading at MAX_INFLIGHT")
+    assert await runtime.client.unsubscribe(timeout=5), "no UNSUBACK while paused at MAX_INFLIGHT"
+    release.set()
+
+
 async def test_burst_of_qos1_messages_is_handled_once_and_fully_acknowledged(
         broker: BrokerTarget, serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
     u = unique_id
