@@ -243,6 +243,7 @@ class SystemSample:
     fatal: str | None
     processes: list[ProcessInfo]
     autoscale: dict[str, Any] | None = None  # `Autoscaler.snapshot()` with WORKER_AUTO_SCALE
+    departed: dict[str, Any] | None = None  # final counters of processes gone from the pool (`fold_final`)
 
 
 class StatusSource(Protocol):
@@ -324,7 +325,7 @@ class SupervisorSource:
                 rss_bytes=int(w["rss_bytes"] or 0), cpu_percent=float(w["cpu_percent"] or 0.0), stats=worker_stats,
             ))
         return SystemSample("workers", snap["pid"], float(snap["uptime"]), snap["state"] == "stopping", snap["fatal"],
-                            processes, snap.get("autoscale"))
+                            processes, snap.get("autoscale"), snap.get("departed"))
 
 
 # -- aggregation ------------------------------------------------------------------------------------
@@ -345,6 +346,11 @@ def _add_numbers(into: dict[str, Any], add: dict[str, Any]) -> None:
                 into[key] = [a + b for a, b in zip(current, value)]
             else:
                 into[key] = list(value)
+
+
+def fold_final(into: dict[str, Any], stats: dict[str, Any]) -> None:
+    """Add the monotonic parts of a process's final snapshot to `into` (`SystemSample.departed`)."""
+    _add_numbers(into, _countable(stats))
 
 
 def _countable(stats: dict[str, Any]) -> dict[str, Any]:
@@ -404,7 +410,7 @@ class Aggregator:
         self.known_routes = list(routes)
         self._retired: dict[str, dict[str, Any]] = {}
         self._last: dict[str, tuple[int | None, dict[str, Any]]] = {}  # slot -> (pid, countable snapshot)
-        self._departed: dict[str, Any] = {}  # what slots no longer in the pool (retired workers) counted
+        self._departed: dict[str, Any] = {}  # earlier processes of slots no longer in the pool
         self._history: deque[tuple[float, dict[str, int], dict[str, tuple[int, int]]]] = deque()
 
     def collect(self) -> SystemView:
@@ -413,8 +419,8 @@ class Aggregator:
         per_process: list[tuple[ProcessInfo, dict[str, Any]]] = []
         present = {info.id for info in sample.processes}
         for slot in [slot for slot in self._last if slot not in present]:
-            # The totals stay monotonic when the autoscaler retires a worker.
-            _add_numbers(self._departed, self._last.pop(slot)[1])
+            # A retired worker: its final numbers are in `sample.departed`, its earlier processes' here.
+            del self._last[slot]
             _add_numbers(self._departed, self._retired.pop(slot, {}))
         for info in sample.processes:
             current = _countable(info.stats) if info.stats else None
@@ -433,6 +439,7 @@ class Aggregator:
             per_process.append((info, cumulative))
         totals: dict[str, Any] = {}
         _add_numbers(totals, self._departed)
+        _add_numbers(totals, sample.departed or {})
         for _, cumulative in per_process:
             _add_numbers(totals, cumulative)
         routes = self._routes(totals)

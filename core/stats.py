@@ -42,6 +42,25 @@ class ProcessStats:
             stats = self.routes[pattern] = RouteStats()
         return stats
 
+    def absorb(self, other: "ProcessStats", skip: str = "") -> None:
+        """Add what another runtime of this process counted (a retiring worker's drain of its own
+        session), leaving out route `skip` (the drain's marker)."""
+        left_out = other.routes.get(skip, RouteStats())
+        self.received += other.received - left_out.handled - left_out.failed - left_out.dead_lettered
+        self.handled += other.handled - left_out.handled
+        self.failed += other.failed - left_out.failed
+        self.dead_lettered += other.dead_lettered - left_out.dead_lettered
+        self.unrouted += other.unrouted
+        self.dropped_on_shutdown += other.dropped_on_shutdown
+        self.responses += other.responses
+        for pattern, theirs in other.routes.items():
+            if pattern != skip:
+                mine = self.route(pattern)
+                mine.handled += theirs.handled
+                mine.failed += theirs.failed
+                mine.dead_lettered += theirs.dead_lettered
+                mine.seconds += theirs.seconds
+
     def snapshot(self) -> dict[str, Any]:
         out = {
             "received": self.received,

@@ -253,6 +253,8 @@ async def retire(app: "Application", runtime: "Runtime", index: int, stopper: _S
         log.warning("no UNSUBACK while leaving the shared groups; the drain below leaves them again")
     clean = await runtime.stop()
     ended = await parked.end_session(index, "this worker, retired by the autoscaler")
+    if parked.last_drain is not None:
+        runtime.stats.absorb(*parked.last_drain)  # reported in the final "bye" with the worker's own
     return clean, ended
 
 

@@ -31,6 +31,7 @@ from core.autoscale import Autoscaler, ScalePolicy, WorkerLoad
 from core.backoff import backoff_delay
 from core.config import SETTING_NAMES, Settings, load_settings
 from core.events import ingest_from_worker, record_event
+from core.metrics import fold_final
 from core.ordering import check_ordered_routes
 from core.router import Router
 from core.worker import (EXIT_RECYCLE, WorkerSpec, client_id_for, heartbeat_interval, leave_stale, serve_only,
@@ -40,6 +41,7 @@ from core.worker_api import WorkerManager  # noqa: F401 - the seed's programmati
 if TYPE_CHECKING:
     from bootstrap.app import Application
     from core.router import Route
+    from core.stats import ProcessStats
     from core.runtime import Runtime
 
 log = logging.getLogger("core.supervisor")
@@ -236,6 +238,7 @@ class Supervisor:
             policy = ScalePolicy.from_settings(self.settings, available_cpus())
             self._autoscaler = Autoscaler(policy, self.settings.max_inflight, time.monotonic())
         self._next_scale = 0.0
+        self._departed: dict[str, Any] = {}  # final counters of retired workers (`fold_final`)
 
     def add_service(self, service: SupervisorService) -> None:
         """Register a service before `run()` (started after the workers, stopped before the broker)."""
@@ -284,6 +287,7 @@ class Supervisor:
             },
             "parked": {client_id: dict(info) for client_id, info in self._parked.info.items()},
             "autoscale": None if self._autoscaler is None else self._autoscaler.snapshot(len(self.slots)),
+            "departed": self._departed,
             "fatal": self._fatal,
         }
 
@@ -593,7 +597,7 @@ class Supervisor:
 
     def _end_retirement(self, slot: WorkerSlot, proc: WorkerProcess) -> None:
         """A retiring worker exited: gone if it ended its session, else started again to resume that session."""
-        if proc.retired and proc.process.exitcode == 0:
+        if proc.retired:  # its session is ended (a handler cut at SHUTDOWN_TIMEOUT was redelivered to the drain)
             self.slots.remove(slot)
             log.info("worker %s (pid %d) retired: it left its groups, finished what was in flight and parked, "
                      "and ended its session", slot.worker_id, proc.pid)
@@ -613,6 +617,8 @@ class Supervisor:
             self._read(slot, proc)  # a final "bye" may still be in the pipe
         for key in _COUNTERS:
             slot.totals[key] += int(proc.stats.get(key, 0))
+        if proc.retired:  # its slot goes: the metrics' totals keep its final numbers
+            fold_final(self._departed, proc.stats)
         proc.stats = {}
         self._discard(proc)
 
@@ -769,6 +775,7 @@ class ParkedSessions:
         self.first = first
         self.main_session = main_session
         self.info: dict[str, dict[str, Any]] = {}  # client id -> session_present, handled, state
+        self.last_drain: tuple[ProcessStats, str] | None = None  # the last drain's counters, its marker's route
         self._stopping = False
 
     def stop(self) -> None:
@@ -832,6 +839,7 @@ class ParkedSessions:
         # Quiet: most starts find no session, and this says so at INFO itself when one is found.
         runtime = self.app.make_runtime(marker.routes_with(routes), client_id=client_id, worker_id=worker_id,
                                         quiet=True)
+        self.last_drain = (runtime.stats, marker.route.pattern)
         # Join no group, only the marker's topic; a resumed session brings its own subscriptions.
         serve_only(runtime, [marker.route], settings.mqtt_group_name)
         await runtime.start()

@@ -8,7 +8,8 @@ import pytest
 
 from core.autoscale import Autoscaler, LoadMeter, ScalePolicy, WorkerLoad, add_metric_families
 from core.config import ConfigError, load_settings
-from core.metrics import Aggregator, ProcessInfo, SystemSample
+from core.metrics import Aggregator, ProcessInfo, SystemSample, fold_final
+from core.stats import ProcessStats
 from core.worker_manager import WorkerPlan, autoscale_plan
 
 POLICY = ScalePolicy(min_count=1, max_count=4, up_at=0.8, down_at=0.3, up_window=2.0, down_window=5.0, cooldown=3.0)
@@ -154,14 +155,18 @@ def test_metric_families_only_with_autoscaling() -> None:
 class _Source:
     def __init__(self) -> None:
         self.processes: list[ProcessInfo] = []
+        self.departed: dict[str, Any] = {}
 
     def sample(self) -> SystemSample:
-        return SystemSample("workers", 1, 1.0, False, None, list(self.processes))
+        return SystemSample("workers", 1, 1.0, False, None, list(self.processes), departed=self.departed)
+
+
+def _stats(handled: int) -> dict[str, Any]:
+    return {"received": handled, "handled": handled, "routes": {"a/b": {"handled": handled, "seconds": 0.0}}}
 
 
 def _worker(worker_id: str, pid: int, handled: int) -> ProcessInfo:
-    stats = {"received": handled, "handled": handled, "routes": {"a/b": {"handled": handled, "seconds": 0.0}}}
-    return ProcessInfo(worker_id, "worker", pid, "running", True, True, stats=stats)
+    return ProcessInfo(worker_id, "worker", pid, "running", True, True, stats=_stats(handled))
 
 
 def test_totals_keep_what_a_retired_worker_counted() -> None:
@@ -169,9 +174,22 @@ def test_totals_keep_what_a_retired_worker_counted() -> None:
     aggregator = Aggregator(source)
     source.processes = [_worker("w0", 10, 5), _worker("w1", 11, 7)]
     assert aggregator.collect().totals["handled"] == 12
-    source.processes = [_worker("w0", 10, 6)]  # w1 retired
-    view = aggregator.collect()
-    assert view.totals["handled"] == 13
-    assert [r.handled for r in view.routes if r.pattern == "a/b"] == [13]
-    source.processes = [_worker("w0", 10, 6), _worker("w1", 12, 1)]  # w1 again, a new process
+    source.processes = [_worker("w0", 10, 5), _worker("w1", 12, 2)]  # w1 restarted once (7 kept)
     assert aggregator.collect().totals["handled"] == 14
+    # w1 retired: the supervisor reports its final numbers (9, not the 2 last sampled).
+    fold_final(source.departed, _stats(9))
+    source.processes = [_worker("w0", 10, 6)]
+    view = aggregator.collect()
+    assert view.totals["handled"] == 6 + 7 + 9
+    assert [r.handled for r in view.routes if r.pattern == "a/b"] == [22]
+    source.processes = [_worker("w0", 10, 6), _worker("w1", 13, 1)]  # w1 again, a new process
+    assert aggregator.collect().totals["handled"] == 23
+
+
+def test_a_drain_is_absorbed_without_its_marker() -> None:
+    mine, drain = ProcessStats(received=3, handled=3), ProcessStats(received=5, handled=5)
+    mine.route("a/b").handled = 3
+    drain.route("a/b").handled = 4
+    drain.route("w2/parked-drain/x").handled = 1
+    mine.absorb(drain, skip="w2/parked-drain/x")
+    assert (mine.received, mine.handled, set(mine.routes), mine.routes["a/b"].handled) == (7, 7, {"a/b"}, 7)
