@@ -18,6 +18,7 @@ import json
 import re
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,20 +53,30 @@ def publish_until(publisher: Publisher, first: int, condition: Callable[[], bool
     return range(first, seq)
 
 
-def test_workers_grow_under_a_burst_and_shrink_when_idle_losing_nothing(
-    broker: MosquittoServer, harness: Any, tmp_path: Path
-) -> None:
+@dataclass
+class Retiring:
+    """A pool grown to 3 under a burst, now retiring w2 while w2 holds MAX_INFLIGHT messages at the gate."""
+
+    app: AppProcess
+    publisher: Publisher
+    gate: Path
+    http_port: int
+    burst: range  # published until the pool had grown, then more for w2
+    grown: float  # seconds of burst until the decision to grow to 3
+    stopping: "re.Match[str]"  # w2's "stopping: N handler(s) in flight" line
+
+
+def grow_to_three_and_retire_w2(broker: MosquittoServer, harness: Any, tmp_path: Path, **extra: str) -> Retiring:
     gate = tmp_path / "gate"
     gate.write_text("*")
     http_port = free_port()
-    records = Records(tmp_path / "records.txt")
     env = app_env(
         tmp_path, broker.port,
         SEQAPP_HOLD=str(gate), SEQAPP_DELAY="0.005", MAX_INFLIGHT="20",
         WORKER_AUTO_SCALE="true", WORKER_MIN_COUNT="1", WORKER_MAX_COUNT="3",
         WORKER_SCALE_UP_AT="0.8", WORKER_SCALE_DOWN_AT="0.4",
         WORKER_SCALE_UP_WINDOW="0.5", WORKER_SCALE_DOWN_WINDOW="1", WORKER_SCALE_COOLDOWN="1",
-        WORKER_HEARTBEAT_TIMEOUT="2", HTTP_PORT=str(http_port),
+        WORKER_HEARTBEAT_TIMEOUT="2", HTTP_PORT=str(http_port), **extra,
     )
     app = harness(env, "--workers", "1")
     app.wait_ready(1)
@@ -87,18 +98,28 @@ def test_workers_grow_under_a_burst_and_shrink_when_idle_losing_nothing(
     stopping = app.wait_log(r"\[w2\] core\.runtime: stopping: (\d+) handler\(s\) in flight")
     assert decisions(app)[-1] == (3, 2)
     assert int(stopping.group(1)) >= 20
+    return Retiring(app, publisher, gate, http_port, range(0, more.stop), grown, stopping)
+
+
+def test_workers_grow_under_a_burst_and_shrink_when_idle_losing_nothing(
+    broker: MosquittoServer, harness: Any, tmp_path: Path
+) -> None:
+    records = Records(tmp_path / "records.txt")
+    r = grow_to_three_and_retire_w2(broker, harness, tmp_path)
+    app, publisher, gate, http_port, grown, stopping = r.app, r.publisher, r.gate, r.http_port, r.grown, r.stopping
+    status = f"http://127.0.0.1:{http_port}/status.json"
     gate.unlink()
     opened = time.monotonic()
     parked = app.wait_log(r"ended the session of seqapp-w2 after handling (\d+) parked message")
     assert int(parked.group(1)) > 0  # what the broker had queued for w2 beyond its in-flight window
-    trickle = publish_until(publisher, more.stop, lambda: decisions(app)[-1][1] == 1,
+    trickle = publish_until(publisher, r.burst.stop, lambda: decisions(app)[-1][1] == 1,
                             "the pool shrank to WORKER_MIN_COUNT=1", batch=2, pause=0.1)
     shrunk = time.monotonic() - opened
     expected = range(0, trickle.stop)
     seqs = records.wait_handled(expected, timeout=60)
     publisher.close()
 
-    lost, duplicates = report(f"autoscaling: burst {len(burst) + len(more)}, trickle {len(trickle)}", seqs, expected)
+    lost, duplicates = report(f"autoscaling: burst {len(r.burst)}, trickle {len(trickle)}", seqs, expected)
     print(f"grew 1 -> 3 in {grown:.1f} s of burst; w2 retired with {stopping.group(1)} in flight and "
           f"{parked.group(1)} parked; 2 -> 1 {shrunk:.1f} s after the gate opened; decisions {decisions(app)}")
     assert lost == 0
@@ -134,3 +155,27 @@ def inflight(status_url: str, worker_id: str) -> int:
     if code != 200:
         return 0
     return next((p["inflight"] for p in json.loads(body)["processes"] if p["id"] == worker_id), 0)
+
+
+def test_a_stop_during_a_retirement_keeps_the_session_for_the_next_start(
+    broker: MosquittoServer, harness: Any, tmp_path: Path
+) -> None:
+    """SIGTERM while w2 is retiring (its handlers held at the gate): w2 finishes them but keeps its
+    session, with what the broker had queued in it, and the next, smaller start drains it."""
+    records = Records(tmp_path / "records.txt")
+    r = grow_to_three_and_retire_w2(broker, harness, tmp_path)
+    r.app.signal(signal.SIGTERM)
+    r.app.wait_log(r"\[w2\] core\.worker: SIGTERM received; already stopping")
+    r.gate.unlink()
+    assert r.app.wait() == 0, r.app.log()[-3000:]
+    assert "ended the session of seqapp-w2" not in r.app.log()
+
+    again = harness(app_env(tmp_path, broker.port), "--workers", "1", name="again")
+    parked = again.wait_log(r"ended the session of seqapp-w2 after handling (\d+) parked message")
+    assert int(parked.group(1)) > 0
+    seqs = records.wait_handled(r.burst, timeout=60)
+    r.publisher.close()
+    lost, duplicates = report(f"stop during a retirement: {len(r.burst)}", seqs, r.burst)
+    assert lost == 0
+    again.signal(signal.SIGTERM)
+    assert again.wait() == 0
