@@ -24,6 +24,9 @@ examples:
                                       # largest worker_count of a shared route (each route on exactly its
                                       # worker_count workers); one per CPU core if none sets it above 1
   python main.py --workers 4          # four worker processes, each subscribed to every shared route
+  WORKER_AUTO_SCALE=true python main.py --workers
+                                      # grow and shrink the workers with the load, between
+                                      # WORKER_MIN_COUNT and WORKER_MAX_COUNT (docs/workers.md)
   python main.py routes
   python main.py publish devices/42/status '{"state": "on"}' --qos 1
   python main.py asyncapi --format yaml -o asyncapi.yaml
