@@ -51,7 +51,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 
 RATE_WINDOW = 10.0  # seconds of samples behind the rates shown on the status page
 _COUNTER_KEYS = ("received", "handled", "failed", "dead_lettered", "unrouted", "responses", "dropped_on_shutdown",
-                 "rate_limit_redis_errors", "mqtt_publishes_abandoned")
+                 "rate_limit_redis_errors", "mqtt_publishes_abandoned", "mqtt_sessions_lost")
 _ROUTE_KEYS = ("handled", "failed", "dead_lettered", "seconds")
 BACKLOG_INTERVAL = 5.0  # seconds between two measurements of a backlog (a query each, never per message)
 # Counters of the Redis Streams consumers (per stream) and of the outbox processor, as exported.
@@ -142,7 +142,6 @@ class MetricsHook:
         }
         stats.extensions["rate_limited"] = lambda: rate_limit_counters(runtime)
         stats.extensions["rate_limit_redis_errors"] = lambda: rate_limit_redis_errors(runtime)
-        stats.extensions["mqtt_publishes_abandoned"] = lambda: state.publishes_abandoned
 
     async def stop(self, runtime: "Runtime") -> None:
         return None
@@ -230,6 +229,8 @@ class ProcessInfo:
     rss_bytes: int = 0
     cpu_percent: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
+    heartbeat_age: float | None = None  # workers: seconds since their last message to the supervisor
+    heartbeat_late: bool = False  # that age passed a few heartbeat intervals: the figures shown are stale
 
 
 @dataclass
@@ -323,6 +324,7 @@ class SupervisorSource:
                 ready=w["state"] == "running" and w["connected"] and subscribed and w["ready"],
                 connected=bool(w["connected"]), restarts=int(w["restarts"]), recycles=int(w.get("recycles", 0)),
                 rss_bytes=int(w["rss_bytes"] or 0), cpu_percent=float(w["cpu_percent"] or 0.0), stats=worker_stats,
+                heartbeat_age=w.get("heartbeat_age"), heartbeat_late=bool(w.get("heartbeat_late")),
             ))
         return SystemSample("workers", snap["pid"], float(snap["uptime"]), snap["state"] == "stopping", snap["fatal"],
                             processes, snap.get("autoscale"), snap.get("departed"))
@@ -534,6 +536,8 @@ def build_metric_families(view: SystemView, prefix: str = "mqtt_app") -> list[An
     reconnects = counter("mqtt_reconnects", "MQTT reconnections after the first connection", ["worker"])
     abandoned = counter("mqtt_publishes_abandoned", "Publishes given up because the broker closed the connection "
                         "each time they were sent (the caller got a PublishError)", ["worker"])
+    sessions_lost = counter("mqtt_sessions_lost", "Reconnects that found the broker had dropped the session "
+                            "(and the messages queued in it)", ["worker"])
     inflight = gauge("inflight", "Messages being handled right now", ["worker"])
     connected = gauge("mqtt_connected", "1 while the process's MQTT connection is up", ["worker"])
     ready = gauge("process_ready", "1 while the process is connected and subscribed", ["worker"])
@@ -549,6 +553,7 @@ def build_metric_families(view: SystemView, prefix: str = "mqtt_app") -> list[An
         redis_errors.add_metric([w], cumulative.get("rate_limit_redis_errors", 0))
         reconnects.add_metric([w], cumulative.get("reconnects", 0))
         abandoned.add_metric([w], cumulative.get("mqtt_publishes_abandoned", 0))
+        sessions_lost.add_metric([w], cumulative.get("mqtt_sessions_lost", 0))
         inflight.add_metric([w], (info.stats or {}).get("inflight", 0))
         if info.role != "supervisor":
             connected.add_metric([w], 1 if info.connected else 0)

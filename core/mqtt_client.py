@@ -70,6 +70,7 @@ class ConnectionState:
     connects: int = 0
     disconnects: int = 0
     publishes_abandoned: int = 0  # publishes given up because the broker closed the connection on each try
+    sessions_lost: int = 0  # reconnects that found no session though we had one (the broker dropped it)
     last_error: str | None = None
 
 
@@ -107,6 +108,8 @@ class MqttClient:
         self._receive_maximum = receive_maximum or settings.max_inflight
         self._session_expiry = settings.mqtt_session_expiry if session_expiry is None else session_expiry
         self._clean_start = settings.mqtt_clean_start if clean_start is None else clean_start
+        # A reconnect should find the session of the previous connection (unless clean start or no expiry).
+        self._keeps_session = not self._clean_start and (self._session_expiry > 0 or not self.v5)
         self._name = name
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread_id = 0
@@ -416,15 +419,24 @@ class MqttClient:
         self.state.connected = True
         self._guard.connected()
         _disable_nagle(client.socket())
+        had_session = self._keeps_session and self.state.connects > 0
         self.state.connects += 1
         self.state.session_present = bool(flags.session_present)
         if self.v5 and properties is not None:
             available = getattr(properties, "SubscriptionIdentifierAvailable", 1)
             self.subscription_ids_available = bool(available)
-        self._info(
-            "%s: connected to %s:%s as %r (%s session)", self._name, self.settings.broker_host,
-            self.settings.broker_port, self.client_id, "resumed" if self.state.session_present else "new",
-        )
+        if had_session and not self.state.session_present:
+            self.state.sessions_lost += 1
+            log.warning(
+                "%s: reconnected to %s:%s as %r, but the broker dropped the session (restarted without saving it, or "
+                "it expired): the messages queued in it for this client are lost; subscribing again",
+                self._name, self.settings.broker_host, self.settings.broker_port, self.client_id,
+            )
+        else:
+            self._info(
+                "%s: connected to %s:%s as %r (%s session)", self._name, self.settings.broker_host,
+                self.settings.broker_port, self.client_id, "resumed" if self.state.session_present else "new",
+            )
         self._emit("connected")
         self._subscribe_all()
 

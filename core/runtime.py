@@ -59,6 +59,9 @@ class Runtime:
             receive_maximum=settings.max_inflight, session_expiry=session_expiry, name=f"mqtt[{worker_id}]",
             on_batch_end=self._wake_loop, may_read=self._has_room, quiet=quiet,
         )
+        state = self.client.state  # MQTT counters in every process's stats (the supervisor sums them)
+        self.stats.extensions["mqtt_publishes_abandoned"] = lambda: state.publishes_abandoned
+        self.stats.extensions["mqtt_sessions_lost"] = lambda: state.sessions_lost
         self.services = Services(self.client, worker_id)
         self.executor = ThreadPoolExecutor(max_workers=settings.sync_handler_threads, thread_name_prefix="handler")
         self.dispatcher = Dispatcher(

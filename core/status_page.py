@@ -39,6 +39,7 @@ def status_data(view: "SystemView", readiness: dict[str, Any], settings: "Settin
             "received": int(cumulative.get("received", 0)), "handled": int(cumulative.get("handled", 0)),
             "failed": int(cumulative.get("failed", 0)), "dead_lettered": int(cumulative.get("dead_lettered", 0)),
             "reconnects": int(cumulative.get("reconnects", 0)), "inflight": int(stats.get("inflight", 0)),
+            "heartbeat_age": info.heartbeat_age, "heartbeat_late": info.heartbeat_late,
         })
     routes = [{
         "pattern": r.pattern, "rate": round(r.rate, 2), "error_rate": round(r.error_rate, 2), "received": r.received,
@@ -157,9 +158,11 @@ def render_fragment(data: dict[str, Any]) -> str:
                  "<th>handled</th><th>failed</th><th>in flight</th></tr></thead><tbody>")
     for p in data["processes"]:
         mqtt = "—" if p["role"] == "supervisor" else ("up" if p["connected"] else "down")
+        late = p.get("heartbeat_late")
+        state = f'{p["state"]} · heartbeat late ({p["heartbeat_age"]:.0f} s)' if late else p["state"]
         parts.append(
             f'<tr data-process="{_e(p["id"])}"><td>{_e(p["id"])}</td><td class="pid">{_e(p["pid"] or "—")}</td>'
-            f'<td class="state {"ok" if p["ready"] else "bad"}">{_e(p["state"])}</td><td class="mqtt">{mqtt}</td>'
+            f'<td class="state {"ok" if p["ready"] and not late else "bad"}">{_e(state)}</td><td class="mqtt">{mqtt}</td>'
             f'<td class="restarts">{p["restarts"]}</td><td class="rss">{_mb(p["rss_bytes"])}</td>'
             f'<td class="cpu">{p["cpu_percent"]:.0f}</td><td class="rate">{p["rate"]:.1f}</td>'
             f'<td class="received">{p["received"]}</td><td class="handled">{p["handled"]}</td>'

@@ -49,6 +49,7 @@ log = logging.getLogger("core.supervisor")
 RESTART_BACKOFF_BASE = 0.5  # seconds before the first restart of a crashed worker (with jitter)
 RESTART_BACKOFF_CAP = 30.0
 STARTUP_GRACE = 60.0  # a new process may take this long to send its first heartbeat (imports)
+LATE_HEARTBEATS = 3  # heartbeat intervals without a message before the stats show a worker's heartbeat as late
 STOP_GRACE = 5.0  # on top of SHUTDOWN_TIMEOUT: time for drained workers to disconnect and exit
 PARKED_MARKER_TIMEOUT = 60.0  # a drain with no progress for this long keeps its session (retried at the next start)
 PARKED_PROBE_MISSES = 3  # ids probed above the worker count until this many in a row have no session
@@ -265,6 +266,7 @@ class Supervisor:
                 "last_exit": slot.last_exit,
                 "uptime": round(now - proc.started_at, 3) if proc is not None else 0.0,
                 "heartbeat_age": round(now - proc.last_message_at, 3) if proc is not None else None,
+                "heartbeat_late": self._late_heartbeat(proc, now) is not None,
                 "oldest_handler": dict(proc.oldest) if proc is not None and proc.oldest else None,
                 "rss_bytes": proc.rss if proc is not None else 0,
                 "cpu_percent": proc.cpu if proc is not None else 0.0,
@@ -642,18 +644,28 @@ class Supervisor:
 
     # -- stats --------------------------------------------------------------------------------
 
+    def _late_heartbeat(self, proc: WorkerProcess | None, now: float) -> float | None:
+        """The age of a worker's last message once it is LATE_HEARTBEATS intervals old (its figures are stale)."""
+        if proc is None or not proc.heartbeats:
+            return None
+        age = now - proc.last_message_at
+        return age if age > LATE_HEARTBEATS * heartbeat_interval(self.settings.worker_heartbeat_timeout) else None
+
     def log_stats(self) -> None:
         """One line per worker (and one for the main process's own routes)."""
         interval = self.settings.stats_interval
+        now = time.monotonic()
         for slot in self.slots:
             proc = slot.current
             totals = slot.cumulative()
             delta = totals["handled"] - slot.logged_totals.get("handled", 0)
             slot.logged_totals = totals
+            late = self._late_heartbeat(proc, now)
             log.info(
-                "stats %s pid=%s state=%s handled=%d (+%d, %.1f/s) failed=%d dead_lettered=%d inflight=%d "
+                "stats %s pid=%s state=%s%s handled=%d (+%d, %.1f/s) failed=%d dead_lettered=%d inflight=%d "
                 "rss=%.1fMB cpu=%.0f%% restarts=%d recycles=%d",
-                slot.worker_id, proc.pid if proc else "-", slot.state, totals["handled"], delta, delta / interval,
+                slot.worker_id, proc.pid if proc else "-", slot.state,
+                "" if late is None else f" heartbeat=late({late:.1f} s)", totals["handled"], delta, delta / interval,
                 totals["failed"], totals["dead_lettered"], int(proc.stats.get("inflight", 0)) if proc else 0,
                 (proc.rss if proc else 0) / 2**20, proc.cpu if proc else 0.0, slot.restarts, slot.recycles,
             )

@@ -85,7 +85,7 @@ async def test_backlog_task_publishes_measurements_of_several_owners_and_drops_f
     assert stats.snapshot()["backlog"] == {}
 
 
-@pytest.mark.parametrize("key", ["rate_limit_redis_errors", "mqtt_publishes_abandoned"])
+@pytest.mark.parametrize("key", ["rate_limit_redis_errors", "mqtt_publishes_abandoned", "mqtt_sessions_lost"])
 def test_process_counters_are_counted_per_process_and_kept_across_restarts(key: str) -> None:
     source = Source()
     aggregator = Aggregator(source)

@@ -121,7 +121,8 @@ async def test_what_a_handler_causes_goes_out_valid_or_raises_at_the_call(
     letter always does."""
     topic = "out/" + topic  # never back to the route under test
     outcome: dict[str, Any] = {}
-    failure = type(error_type or "E", (Exception,), {})
+    class_name = error_type.encode("utf-8", "replace").decode() or "E"  # a class name cannot hold a lone surrogate
+    failure = type(class_name, (Exception,), {})
 
     async def handler(context: Any) -> None:
         try:

@@ -166,11 +166,11 @@ def app_factory() -> Iterator[Any]:
 
     def start(broker: Any, *args: str, **env: str) -> tuple[App, str]:
         port = free_port()
-        full_env = base_env(
-            MQTT_BROKER=broker.host, MQTT_PORT=str(broker.port), HTTP_PORT=str(port),
-            ROUTERS_PACKAGE="tests.apps.ops_app", MQTT_CLIENT_ID=f"ops-{port}", MQTT_SESSION_EXPIRY="0",
-            MQTT_RECONNECT_MIN="0.1", MQTT_RECONNECT_MAX="0.5", SHUTDOWN_TIMEOUT="5", **env,
-        )
+        full_env = base_env(**{  # `env` may override any of these
+            "MQTT_BROKER": broker.host, "MQTT_PORT": str(broker.port), "HTTP_PORT": str(port),
+            "ROUTERS_PACKAGE": "tests.apps.ops_app", "MQTT_CLIENT_ID": f"ops-{port}", "MQTT_SESSION_EXPIRY": "0",
+            "MQTT_RECONNECT_MIN": "0.1", "MQTT_RECONNECT_MAX": "0.5", "SHUTDOWN_TIMEOUT": "5", **env,
+        })
         app = App(full_env, *args)
         apps.append(app)
         return app, f"http://127.0.0.1:{port}"
