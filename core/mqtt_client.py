@@ -621,9 +621,10 @@ class MqttClient:
         if qos == 0:
             ok = info.rc == paho.MQTT_ERR_SUCCESS
             self._settle(fut, None if ok else PublishError(f"QoS 0 publish to {topic!r} failed: {paho.error_string(info.rc)}"))
-        elif info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-            # NO_CONN: paho keeps the message and sends it after the reconnect.
-            if info.is_published():
+        elif info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN, paho.MQTT_ERR_CONN_LOST):
+            # NO_CONN, or the connection broke while writing it (CONN_LOST): paho keeps the message and
+            # sends it after the reconnect, so wait for that PUBACK (is_published() would raise here).
+            if info.rc == paho.MQTT_ERR_SUCCESS and info.is_published():
                 self._settle(fut, None)
             else:
                 self._pending_publishes[info.mid] = fut

@@ -145,3 +145,25 @@ async def test_a_publish_the_broker_keeps_refusing_is_given_up(
         assert client._paho._max_inflight_messages == max(20, settings.max_inflight)
     finally:
         await client.stop()
+
+
+async def test_a_qos1_publish_made_while_disconnected_completes_after_the_reconnect(
+        mosquitto_factory: Callable[..., Any], unique_id: str) -> None:
+    """paho queues it (rc NO_CONN); the caller's future must wait for the PUBACK, not be lost."""
+    u = unique_id
+    server = mosquitto_factory()
+    settings = load_settings({"MQTT_BROKER": server.host, "MQTT_PORT": str(server.port), "MQTT_CLIENT_ID": f"{u}-c",
+                              "MQTT_PROTOCOL": "5", "MQTT_RECONNECT_MIN": "0.05", "MQTT_RECONNECT_MAX": "0.2"})
+    client = MqttClient(settings, f"{u}-c", lambda message, generation: None)
+    client.start(asyncio.get_running_loop())
+    assert await client.wait_subscribed(10)
+    try:
+        server.stop()
+        await wait_until(lambda: not client.state.connected, "the client to notice the broker is gone")
+        sending = asyncio.ensure_future(client.publish(f"{u}/queued", b"x", 1))
+        await wait_until(lambda: client._paho._out_messages, "the publish queued in paho while disconnected")
+        assert not sending.done()
+        server.start()
+        await asyncio.wait_for(sending, 20)
+    finally:
+        await client.stop()
