@@ -127,13 +127,14 @@ class Application:
         return [r for r in self.router.routes if r.shared]
 
     def make_runtime(self, routes: Sequence[Route], *, client_id: str | None = None, worker_id: str = "main",
-                     session_expiry: int | None = None, quiet: bool = False) -> Runtime:
-        """A Runtime for `routes` with the enabled features' hooks; `quiet` logs its connection at DEBUG."""
+                     session_expiry: int | None = None, quiet: bool = False, reconnect: bool = True) -> Runtime:
+        """A Runtime for `routes` with the enabled features' hooks; `quiet` logs its connection at DEBUG;
+        `reconnect=False` for a connection to someone else's session (a drain), which may be taken over."""
         hooks: list[RuntimeHook] = []
         for factory in self.hook_factories:
             hooks.extend(factory(self.settings, worker_id))
         return Runtime(self.settings, routes, client_id=client_id, worker_id=worker_id, hooks=hooks,
-                       session_expiry=session_expiry, quiet=quiet)
+                       session_expiry=session_expiry, quiet=quiet, reconnect=reconnect)
 
 
 async def serve_single_process(app: Application, *, test_mode: bool = False) -> int:
@@ -150,25 +151,29 @@ async def serve_single_process(app: Application, *, test_mode: bool = False) -> 
         await broker.start()
         log.info("embedded broker listening on %s:%d (set MQTT_BROKER to use an external one)",
                  settings.embedded_broker_host, settings.embedded_broker_port)
+    from core.adoption import OrphanWatch
     from core.worker_manager import ParkedSessions
 
     runtime = app.make_runtime(app.routes)
     # Every worker id is a leftover here: a run with --workers may have left QoS 1 messages in them.
     parked = ParkedSessions(app, first=0)
+    subscribed = asyncio.Event()
+    runtime.client.add_state_listener(lambda event: subscribed.set() if event == "subscribed" else None)
+    orphans = OrphanWatch(app, lambda: {settings.mqtt_client_id}, subscribed.wait)  # sessions other replicas left
 
     def request_stop() -> None:
         parked.stop()
+        orphans.stop()
         runtime.request_stop()
 
     install_stop_signals(request_stop)
-    subscribed = asyncio.Event()
-    runtime.client.add_state_listener(lambda event: subscribed.set() if event == "subscribed" else None)
 
     async def drain_parked() -> bool:
         await subscribed.wait()  # the app's own subscriptions first; the drain is background work
         return await parked.run()
 
     parked_task = asyncio.create_task(drain_parked())
+    orphans_task = asyncio.create_task(orphans.run())
     idle_task = asyncio.create_task(_stop_when_idle_after(parked_task, runtime, settings.test_mode_idle)) \
         if test_mode else None
     ops = None
@@ -180,6 +185,7 @@ async def serve_single_process(app: Application, *, test_mode: bool = False) -> 
         clean = await runtime.run()
     finally:
         parked.stop()
+        orphans.stop()
         if not subscribed.is_set():
             parked_task.cancel()  # stopped before it ever subscribed: nothing was drained
         try:
@@ -188,6 +194,10 @@ async def serve_single_process(app: Application, *, test_mode: bool = False) -> 
             parked_clean = True
         except Exception:
             log.exception("draining the sessions of former worker processes failed")
+        try:
+            await orphans_task
+        except Exception:
+            log.exception("watching for orphaned sessions failed")
         if idle_task is not None:
             idle_task.cancel()
         if ops is not None:

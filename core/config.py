@@ -122,6 +122,9 @@ class Settings:
     mqtt_tls_insecure: bool = False
     mqtt_reconnect_min: float = 0.5
     mqtt_reconnect_max: float = 30.0
+    # Orphan notices (core/orphans.py, docs/workers.md): seconds a departed client id may stay away
+    # before the fleet adopts its session; 0 turns the mechanism off. MQTT 5 only.
+    mqtt_orphan_grace: float = 15.0
     embedded_broker_host: str = "127.0.0.1"
     embedded_broker_port: int = 1883
     # Dispatch.
@@ -261,6 +264,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         mqtt_tls_insecure=_get(env, "MQTT_TLS_INSECURE", d.mqtt_tls_insecure, parse_bool),
         mqtt_reconnect_min=_get(env, "MQTT_RECONNECT_MIN", d.mqtt_reconnect_min, pos_float),
         mqtt_reconnect_max=_get(env, "MQTT_RECONNECT_MAX", d.mqtt_reconnect_max, pos_float),
+        mqtt_orphan_grace=_get(env, "MQTT_ORPHAN_GRACE", d.mqtt_orphan_grace,
+                               lambda n, r: parse_float(n, r, minimum=0, maximum=86400)),
         embedded_broker_host=_get(env, "EMBEDDED_BROKER_HOST", d.embedded_broker_host, text),
         embedded_broker_port=_get(env, "EMBEDDED_BROKER_PORT", d.embedded_broker_port, lambda n, r: parse_int(n, r, minimum=1, maximum=65535)),
         max_inflight=_get(env, "MAX_INFLIGHT", d.max_inflight, lambda n, r: parse_int(n, r, minimum=1, maximum=65535)),
@@ -296,6 +301,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     if settings.mqtt_reconnect_max < settings.mqtt_reconnect_min:
         raise ConfigError(
             f"MQTT_RECONNECT_MAX={settings.mqtt_reconnect_max} must not be below MQTT_RECONNECT_MIN={settings.mqtt_reconnect_min}"
+        )
+    grace, expiry = settings.mqtt_orphan_grace, settings.mqtt_session_expiry
+    if grace and expiry and expiry <= grace:
+        raise ConfigError(
+            f"MQTT_SESSION_EXPIRY={expiry} must exceed MQTT_ORPHAN_GRACE={grace:g}: a departed client's session must "
+            "outlive the grace, or what is parked in it expires before the fleet adopts it (or set MQTT_ORPHAN_GRACE=0)"
         )
     if settings.mqtt_tls and (settings.mqtt_tls_cert is None) != (settings.mqtt_tls_key is None):
         raise ConfigError("MQTT_TLS_CERT and MQTT_TLS_KEY must be set together (client certificate and its key)")

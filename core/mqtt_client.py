@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import select
 import socket
@@ -37,6 +38,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from core.backoff import backoff_delay
 from core.config import Settings
 from core.mqtt_properties import install as install_fast_properties
+from core.orphans import DISCONNECT_WITH_WILL, notice_payload, notice_topic, notices_enabled
 from core.payload import encode_payload
 from core.poison_guard import PoisonGuard
 from core.wire import check_topic_name, publish_properties
@@ -72,6 +74,7 @@ class ConnectionState:
     publishes_abandoned: int = 0  # publishes given up because the broker closed the connection on each try
     sessions_lost: int = 0  # reconnects that found no session though we had one (the broker dropped it)
     last_error: str | None = None
+    lost: bool = False  # the connection dropped and, with reconnect=False, is not made again
 
 
 class MqttClient:
@@ -91,6 +94,8 @@ class MqttClient:
         on_batch_end: Callable[[], None] | None = None,
         may_read: Callable[[], bool] | None = None,
         quiet: bool = False,
+        notice: bool = True,
+        reconnect: bool = True,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -111,6 +116,10 @@ class MqttClient:
         # A reconnect should find the session of the previous connection (unless clean start or no expiry).
         self._keeps_session = not self._clean_start and (self._session_expiry > 0 or not self.v5)
         self._name = name
+        self._reconnect = reconnect
+        # The orphan notice (core/orphans.py): this client's will, cleared by its own connects.
+        self._notice_topic = (notice_topic(settings.mqtt_group_name, client_id)
+                              if notice and notices_enabled(settings, self._session_expiry) else None)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread_id = 0
         self._thread: threading.Thread | None = None
@@ -156,6 +165,11 @@ class MqttClient:
         # Unlimited local queue: outgoing QoS>0 messages published while disconnected wait for the reconnect.
         client.max_queued_messages_set(0)
         client.max_inflight_messages_set(max(20, self._receive_maximum))
+        if self._notice_topic is not None:
+            will = Properties(PacketTypes.WILLMESSAGE)
+            will.WillDelayInterval = int(math.ceil(s.mqtt_orphan_grace))
+            client.will_set(self._notice_topic, notice_payload(s.mqtt_group_name, self.client_id), qos=1,
+                            retain=True, properties=will)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_subscribe = self._handle_subscribe
@@ -236,16 +250,20 @@ class MqttClient:
         """Disconnect cleanly and stop the network thread.
 
         `session_expiry=0` ends the persistent session (a worker removed for good); by default the
-        session is kept so messages published meanwhile wait for the next start.
+        session is kept so messages published meanwhile wait for the next start, and the orphan
+        notice (if any) is kept too: it is published unless this client id is back within the grace.
         """
         self._closing = True
         props = None
         if self.v5 and session_expiry is not None:
             props = Properties(PacketTypes.DISCONNECT)
             props.SessionExpiryInterval = session_expiry
+        reason = None
+        if self._notice_topic is not None and session_expiry != 0:
+            reason = ReasonCode(PacketTypes.DISCONNECT, identifier=DISCONNECT_WITH_WILL)
         if self.state.connected:
             # Queued behind any final PUBACKs; the network thread writes it before it exits.
-            self._submit(lambda: self._paho.disconnect(properties=props))
+            self._submit(lambda: self._paho.disconnect(reasoncode=reason, properties=props))
         else:
             self._stopping = True
         self._wake.set()
@@ -296,6 +314,12 @@ class MqttClient:
             self._give_up(self._guard.connection_lost())
             if self._guard.probing:
                 attempt = 0  # each reconnect narrows the search down: no need to back off further
+            if not self._reconnect and self.state.connects:
+                # An adoption (core/adoption.py) never comes back: the session may have been taken over.
+                self.state.lost = True
+                self._info("%s: connection to %s:%s lost (%s); not reconnecting", self._name, host, port,
+                           paho.error_string(rc))
+                break
             delay = backoff_delay(attempt, s.mqtt_reconnect_min, s.mqtt_reconnect_max, random.random)
             log.warning("%s: connection to %s:%s lost (%s); reconnecting in %.1f s", self._name, host, port,
                         paho.error_string(rc), delay)
@@ -438,6 +462,9 @@ class MqttClient:
                 self.settings.broker_port, self.client_id, "resumed" if self.state.session_present else "new",
             )
         self._emit("connected")
+        if self._notice_topic is not None:
+            # This id is back: its notice (if the grace ran out meanwhile) no longer stands.
+            client.publish(self._notice_topic, b"", qos=1, retain=True)
         self._subscribe_all()
 
     def _subscribe_all(self) -> None:

@@ -42,6 +42,7 @@ class Runtime:
         hooks: Sequence[RuntimeHook] = (),
         session_expiry: int | None = None,
         quiet: bool = False,
+        reconnect: bool = True,
     ) -> None:
         self.settings = settings
         self.worker_id = worker_id
@@ -57,7 +58,7 @@ class Runtime:
         self.client = MqttClient(
             settings, self.client_id, self._on_message_network_thread, subscriptions=self.subscriptions,
             receive_maximum=settings.max_inflight, session_expiry=session_expiry, name=f"mqtt[{worker_id}]",
-            on_batch_end=self._wake_loop, may_read=self._has_room, quiet=quiet,
+            on_batch_end=self._wake_loop, may_read=self._has_room, quiet=quiet, reconnect=reconnect,
         )
         state = self.client.state  # MQTT counters in every process's stats (the supervisor sums them)
         self.stats.extensions["mqtt_publishes_abandoned"] = lambda: state.publishes_abandoned

@@ -229,6 +229,10 @@ class Supervisor:
         # Without plain routes there is no main runtime to resume MQTT_CLIENT_ID's session, so a
         # single-process run's `$share` subscriptions (and messages parked there) are drained instead.
         self._parked = ParkedSessions(app, plan.count, main_session=not app.plain_routes())
+        from core.adoption import OrphanWatch  # sessions other replicas left (issue 8, docs/workers.md)
+
+        self._orphans = OrphanWatch(app, self.own_client_ids, self.wait_own_ready)
+        self._orphans_task: asyncio.Task[None] | None = None
         self._main_clean = True
         self._parked_clean = True
         self._all_ready_logged = False
@@ -240,6 +244,17 @@ class Supervisor:
             self._autoscaler = Autoscaler(policy, self.settings.max_inflight, time.monotonic())
         self._next_scale = 0.0
         self._departed: dict[str, Any] = {}  # final counters of retired workers (`fold_final`)
+
+    def own_client_ids(self) -> set[str]:
+        """The client ids this supervisor's processes use (orphan notices about them are not adopted)."""
+        return {self.settings.mqtt_client_id, *(slot.client_id for slot in self.slots)}
+
+    async def wait_own_ready(self) -> None:
+        """Until every worker (and the main runtime, if any) has subscribed."""
+        while not all(slot.current is not None and slot.current.ready for slot in self.slots):
+            await asyncio.sleep(0.1)
+        if self._main_runtime is not None:
+            await self._main_runtime.wait_ready()
 
     def add_service(self, service: SupervisorService) -> None:
         """Register a service before `run()` (started after the workers, stopped before the broker)."""
@@ -302,6 +317,7 @@ class Supervisor:
         self._stopping = True
         self._stop_reason = reason
         self._parked.stop()
+        self._orphans.stop()
         if self._wake is not None:
             self._wake.set()
 
@@ -326,6 +342,7 @@ class Supervisor:
             self._start_main_runtime()
             # Also with 0 workers: a run that had workers may have left messages in their sessions.
             self._parked_task = asyncio.create_task(self._parked.run())
+            self._orphans_task = asyncio.create_task(self._orphans.run())
             for service in self.services:
                 await service.start(self)
             await self._supervise()
@@ -685,6 +702,7 @@ class Supervisor:
     async def _shutdown(self) -> None:
         self._stopping = True
         self._parked.stop()
+        self._orphans.stop()
         if self._stop_reason:
             log.info("stopping (%s)", self._stop_reason)
         for slot in self.slots:
@@ -742,6 +760,11 @@ class Supervisor:
             except Exception:
                 log.exception("draining parked sessions failed")
                 self._parked_clean = False
+        if self._orphans_task is not None:
+            try:
+                await self._orphans_task
+            except Exception:
+                log.exception("watching for orphaned sessions failed")
         if self.plan.count:
             self.log_stats()
         for service in reversed(self.services):
@@ -838,6 +861,25 @@ class ParkedSessions:
         # `_drain` keeps a session it could not empty, and says so in `info`.
         return found is not None and self.info.get(client_id, {}).get("state", "ended") == "ended"
 
+    async def adopt(self, client_id: str, worker_id: str = "adopted") -> dict[str, Any]:
+        """Handle what is parked in another process's session (an orphan notice named it) and end it.
+
+        A worker id (`-w<i>`) was subscribed to the shared routes; any other id to every route, as a
+        single process or a supervisor's own runtime is. Returns the drain's info: `state` is
+        `ended`, `none` (no session: ended too), `lost` (taken over, or the connection dropped:
+        the session is kept), `kept` or `interrupted`; `handled` counts the messages handled.
+        """
+        group = self.settings.mqtt_group_name
+        if re.search(r"-w\d+$", client_id):
+            routes = self._routes()
+            leave = [f"$share/{group}/{route.filter}" for route in routes]
+        else:
+            routes = [route for route in self.app.routes if route.subscribe]
+            leave = [f"$share/{group}/{route.filter}" for route in routes] + [route.filter for route in routes]
+        found, _ = await self._drain(client_id, worker_id, routes, leave, "a process that went away")
+        return self.info.pop(client_id, None) or {"session_present": bool(found), "handled": 0,
+                                                  "state": "none" if found is False else "unreachable"}
+
     def _routes(self) -> list["Route"]:
         # With no shared route left (they became plain), handle what is parked with the routes there are.
         # Consumer-only stream routes are left out: a drain bridges what it receives, it consumes no stream.
@@ -849,8 +891,9 @@ class ParkedSessions:
         settings = self.settings
         marker = _DrainMarker(client_id)
         # Quiet: most starts find no session, and this says so at INFO itself when one is found.
+        # No reconnect: someone else may take this session over (its owner coming back, or an adopter).
         runtime = self.app.make_runtime(marker.routes_with(routes), client_id=client_id, worker_id=worker_id,
-                                        quiet=True)
+                                        quiet=True, reconnect=False)
         self.last_drain = (runtime.stats, marker.route.pattern)
         # Join no group, only the marker's topic; a resumed session brings its own subscriptions.
         serve_only(runtime, [marker.route], settings.mqtt_group_name)
@@ -870,8 +913,11 @@ class ParkedSessions:
             problem = await self._handle_parked(runtime, leave, marker, info)
             if problem is not None:
                 # Keep the session: ending it would discard what may still be queued in it.
-                info["state"] = "interrupted" if self._stopping else "kept"
-                if not self._stopping:
+                info["state"] = "lost" if runtime.client.state.lost else "interrupted" if self._stopping else "kept"
+                if info["state"] == "lost":
+                    log.info("lost the session of %s while draining it (taken over by its owner or another "
+                             "process, or the connection dropped); leaving it to whoever holds it", client_id)
+                elif not self._stopping:
                     log.warning("%s: %s; keeping its session, so nothing queued in it is discarded "
                                 "(the next start tries again)", client_id, problem)
                 await runtime.stop()
@@ -905,16 +951,21 @@ class ParkedSessions:
         """
         from core.mqtt_client import PublishError
 
-        if not await runtime.client.unsubscribe(leave):
-            return "could not leave the shared groups (no UNSUBACK)"
+        client = runtime.client
         try:
-            await asyncio.wait_for(runtime.client.publish(marker.topic, b"", qos=1), PARKED_MARKER_TIMEOUT)
+            if not await _unless_lost(client, client.unsubscribe(leave)):
+                return "could not leave the shared groups (no UNSUBACK)"
+            await asyncio.wait_for(_unless_lost(client, client.publish(marker.topic, b"", qos=1)), PARKED_MARKER_TIMEOUT)
+        except ConnectionError:
+            return "connection lost"
         except (asyncio.TimeoutError, PublishError) as exc:
             return f"could not publish the drain marker ({exc or 'no PUBACK'})"
         dispatcher = runtime.dispatcher
         progress: tuple[int, int] = (-1, -1)
         last_progress = time.monotonic()
         while not self._stopping:
+            if client.state.lost:
+                return "connection lost"
             if marker.seen.is_set() and not dispatcher.inflight:
                 return None
             now = time.monotonic()
@@ -928,23 +979,41 @@ class ParkedSessions:
         return "stopping"
 
 
+async def _unless_lost(client: Any, awaitable: Any) -> Any:
+    """`await awaitable`, but raise ConnectionError as soon as the (non-reconnecting) client lost its connection."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while not task.done():
+            if client.state.lost:
+                raise ConnectionError("connection lost")
+            await asyncio.wait({task}, timeout=0.1)
+        return task.result()
+    finally:
+        task.cancel()
+
+
 class _DrainMarker:
     """A drain's barrier: a QoS 1 message the drain client publishes to a topic only it subscribes to.
 
     Brokers deliver a client's queue in order (Mosquitto, and the embedded broker), so the marker
-    arrives after every message parked in the session before it was published.
+    arrives after every message parked in the session before it was published. The route takes
+    any drain's marker topic of this client id: one left in the session by an earlier drain that
+    lost it (taken over) is acknowledged and ignored, neither counted as ours nor dead-lettered.
     """
 
     def __init__(self, client_id: str) -> None:
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", client_id)
-        self.topic = f"{safe}/parked-drain/{secrets.token_hex(8)}"
+        self.prefix = f"{safe}/parked-drain/"
+        self.topic = f"{self.prefix}{secrets.token_hex(8)}"
         self.seen = asyncio.Event()
         self.deliveries = 0
-        self.route = Router().on(self.topic, self._arrived, qos=1, payload_format="bytes", name="parked-drain marker")
+        self.route = Router().on(f"{self.prefix}+", self._arrived, qos=1, payload_format="bytes",
+                                 name="parked-drain marker")
 
-    async def _arrived(self) -> None:
+    async def _arrived(self, topic: str) -> None:
         self.deliveries += 1
-        self.seen.set()
+        if topic == self.topic:
+            self.seen.set()
 
     def routes_with(self, routes: Sequence["Route"]) -> list["Route"]:
         """`routes` and, last, the marker's route (its subscription id then maps to it).
@@ -953,20 +1022,20 @@ class _DrainMarker:
         filter also matches the marker topic (say `#`) gets a guard that keeps the marker from it.
         """
         levels = self.topic.split("/")
-        guard = _SkipTopic(self.topic)
+        guard = _SkipTopic(self.prefix)
         guarded = [replace(route, middleware=(guard, *route.middleware))
                    if route.compiled.extract(levels) is not None else route for route in routes]
         return [*guarded, self.route]
 
 
 class _SkipTopic:
-    """Middleware: drop (and acknowledge) a message on `topic` before it reaches the handler."""
+    """Middleware: drop (and acknowledge) a message whose topic starts with `prefix` before it reaches the handler."""
 
-    def __init__(self, topic: str) -> None:
-        self.topic = topic
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
 
     async def handle(self, context: Any, call_next: Any) -> Any:
-        if context.topic == self.topic:
+        if context.topic.startswith(self.prefix):
             return None
         return await call_next(context)
 

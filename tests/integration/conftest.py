@@ -69,6 +69,7 @@ async def serve(unique_id: str) -> AsyncIterator[ServeFn]:
             **target.env(port),
             "MQTT_CLIENT_ID": f"{unique_id}-rt{next(counter)}",
             "MQTT_SESSION_EXPIRY": "10",
+            "MQTT_ORPHAN_GRACE": "0",  # in-process runtimes of one test: no fleet to adopt their sessions
             "MQTT_RECONNECT_MIN": "0.1",
             "MQTT_RECONNECT_MAX": "1",
             "SHUTDOWN_TIMEOUT": "5",

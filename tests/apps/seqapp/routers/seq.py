@@ -15,6 +15,7 @@ SEQAPP_GATE_FROM    sequence numbers from this one on wait (awaiting, the loop g
 SEQAPP_HOLD         file: while it exists and lists `*` or the handling worker's id (one a line), the
                     shared (async) handlers of that worker await before recording
 SEQAPP_SYNC         1: the shared routes use a plain (sync) handler, run in the thread pool
+SEQAPP_ADOPT_DELAY  seconds each handler awaits when it runs in an adoption of another process's session
 SEQAPP_NO_PLAIN     1: leave out the plain route `plain/in` (the supervisor then runs no main runtime)
 """
 
@@ -30,6 +31,7 @@ from core.router import Router
 
 _RECORD = os.environ.get("SEQAPP_RECORD", "")
 _DELAY = float(os.environ.get("SEQAPP_DELAY", "0") or 0)
+_ADOPT_DELAY = float(os.environ.get("SEQAPP_ADOPT_DELAY", "0") or 0)
 _BLOCK = int(os.environ.get("SEQAPP_BLOCK_SEQ", "-1") or -1)
 _MARKER = os.environ.get("SEQAPP_MARKER", "")
 _CRASH = int(os.environ.get("SEQAPP_CRASH_SEQ", "-1") or -1)
@@ -79,6 +81,8 @@ async def handle_shared(payload: str, context: MessageContext) -> None:
         await asyncio.sleep(0.05)
     if _DELAY:
         await asyncio.sleep(_DELAY)
+    if _ADOPT_DELAY and context.worker_id.startswith("adopted"):
+        await asyncio.sleep(_ADOPT_DELAY)
     record(context.worker_id, seq)
 
 
