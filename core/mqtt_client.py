@@ -191,9 +191,10 @@ class MqttClient:
 
     @property
     def publishes_pending(self) -> int:
-        """QoS 1/2 publishes and unsubscribes waiting for the broker's answer: reading must go on
-        to it, even at MAX_INFLIGHT (the answer may be queued behind publishes not read yet)."""
-        return self._publish_waiters
+        """QoS 1/2 publishes, unsubscribes and SUBSCRIBEs waiting for the broker's answer: reading must
+        go on to it, even at MAX_INFLIGHT (the answer may be queued behind publishes not read yet; a
+        drain of a parked session, core/adoption.py, waits for its SUBACK before it can begin)."""
+        return self._publish_waiters + len(self._pending_subacks)
 
     # -- commands: loop thread -> network thread -------------------------------------------------
 

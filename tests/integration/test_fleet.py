@@ -216,9 +216,9 @@ def test_an_adoption_racing_the_owners_return_loses_nothing(broker: MosquittoSer
 
 def test_an_adopter_killed_mid_drain_leaves_the_rest_to_another_replica(broker: MosquittoServer, fleet: Fleet) -> None:
     # Three pods; pod-c stops for good. Whichever of pod-a / pod-b adopts pod-c-w0 is SIGKILLed
-    # while draining it (its handlers take 1 s each): its orphan notice for pod-c-w0 fires again
+    # while draining it (its handlers take 0.2 s each): its orphan notice for pod-c-w0 fires again
     # and the remaining pod adopts what is left, and the killed pod's own sessions too.
-    pods = {name: fleet.pod(name, 1, SEQAPP_ADOPT_DELAY="1") for name in ("pod-a", "pod-b", "pod-c")}
+    pods = {name: fleet.pod(name, 1, SEQAPP_ADOPT_DELAY="0.2") for name in ("pod-a", "pod-b", "pod-c")}
     for pod in pods.values():
         pod.wait_ready(1)
     stream = Stream(broker.port)

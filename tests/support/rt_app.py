@@ -29,6 +29,8 @@ def base_env(**extra: str) -> dict[str, str]:
         "LANG": "C.UTF-8",
         "PYTHONUNBUFFERED": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
+        # Apps of many tests share the session broker: none may adopt another test's sessions.
+        "MQTT_ORPHAN_GRACE": "0",
     }
     env.update(extra)
     return env
