@@ -199,7 +199,7 @@ def pod_goes_away(args: argparse.Namespace, kill: bool) -> Outcome:
         a, b = run.pod("a"), run.pod("b")
         a.wait_ready()
         b.wait_ready()
-        duration = args.grace + 25.0  # the stream outlasts the adoption
+        duration = 3.0 + (args.tail if args.tail is not None else args.grace + 22.0)  # outlasts the adoption
         count = int(duration * args.rate)
         stream = Stream(run.broker.port, run.topic, count, args.rate)
         stream.at(3)
@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grace", type=float, default=15.0, help="MQTT_ORPHAN_GRACE (default: its default)")
     parser.add_argument("--rate", type=float, default=200.0, help="msgs/s of the stream")
     parser.add_argument("--count", type=int, default=10_000, help="messages of the rolling update")
+    parser.add_argument("--tail", type=float, default=None,
+                        help="seconds the stream goes on after a pod went away (default: grace + 22)")
     args = parser.parse_args(argv)
 
     results: dict[str, list[Outcome]] = {"scale-down (SIGTERM)": [], "pod SIGKILLed": [], "rolling update": []}

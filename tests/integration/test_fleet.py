@@ -51,7 +51,9 @@ class Fleet:
                        SHUTDOWN_TIMEOUT="5", **extra)
 
     def pod(self, name: str, workers: int = 2, **extra: str) -> AppProcess:
-        app = AppProcess(self.tmp, self.env(name, **extra), ["--workers", str(workers)], name=f"{name}-{len(self.pods)}")
+        """`workers=0`: `python main.py` alone (every route in one process)."""
+        args = ["--workers", str(workers)] if workers else []
+        app = AppProcess(self.tmp, self.env(name, **extra), args, name=f"{name}-{len(self.pods)}")
         self.pods.append(app)
         return app
 
@@ -146,6 +148,19 @@ def test_scale_down_with_the_pod_gone_for_good_loses_nothing(broker: MosquittoSe
     lost, _ = settle(fleet, "scale-down")
     assert lost == 0, fleet.logs()
     assert re.search(r"adopted the session of pod-b-w\d", a.log()), a.log()[-3000:]
+
+
+def test_single_process_pods_scale_down_loses_nothing(broker: MosquittoServer, fleet: Fleet) -> None:
+    a, b = fleet.pod("pod-a", 0), fleet.pod("pod-b", 0)
+    a.wait_log("subscribed to")
+    b.wait_log("subscribed to")
+    stream = Stream(broker.port)
+    stream.at(3)
+    fleet.stop(b)
+    stream.finish()
+    lost, _ = settle(fleet, "single-process pods, scale-down")
+    assert lost == 0, fleet.logs()
+    assert re.search(r"adopted the session of pod-b:", a.log()), a.log()[-3000:]
 
 
 def test_a_sigkilled_pod_that_never_comes_back_loses_nothing(broker: MosquittoServer, fleet: Fleet) -> None:
