@@ -132,6 +132,7 @@ class Settings:
     max_payload_bytes: int = 256 * 1024
     dead_letter_topic: str = "dead-letter/{topic}"
     dead_letter_qos: int = 1
+    error_log_interval: float = 60.0  # the same error on the same route logs its traceback once per interval
     sync_handler_threads: int = 16
     shutdown_timeout: float = 30.0
     routers_package: str = "app.routers"
@@ -272,6 +273,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         max_payload_bytes=_get(env, "MAX_PAYLOAD_BYTES", d.max_payload_bytes, lambda n, r: parse_size(n, r, minimum=1)),
         dead_letter_topic=dead_letter,
         dead_letter_qos=_get(env, "DEAD_LETTER_QOS", d.dead_letter_qos, lambda n, r: parse_int(n, r, minimum=0, maximum=2)),
+        error_log_interval=_get(env, "ERROR_LOG_INTERVAL", d.error_log_interval, pos_float),
         sync_handler_threads=_get(env, "SYNC_HANDLER_THREADS", d.sync_handler_threads, pos_int),
         shutdown_timeout=_get(env, "SHUTDOWN_TIMEOUT", d.shutdown_timeout, nonneg_float),
         routers_package=_get(env, "ROUTERS_PACKAGE", d.routers_package, text),

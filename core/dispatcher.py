@@ -21,11 +21,14 @@ from typing import Any, Awaitable, Callable, Collection
 from core.acks import AckSequencer, AckTicket
 from core.config import Settings
 from core.context import MessageContext, Services
+from core.error_log import ErrorLog
 from core.events import record_dead_letter
+from core.failures import DeadLetter, RouteTimeout, first_line  # DeadLetter: also imported from here
 from core.intake import Intake
 from core.middleware import CallNext, build_chain
 from core.ordering import TopicSequencer
 from core.payload import PayloadError, decode_payload
+from core.retry import Retry, RouteGuard
 from core.router import Route, RouteTable
 from core.stats import ProcessStats
 from core.wire import sanitize
@@ -37,16 +40,15 @@ ERROR_BYTES = 1024  # UTF-8 bytes of the error text kept in a dead letter's user
 NAME_BYTES = 256
 
 
-class DeadLetter(Exception):
-    """Raise from middleware or a handler to send the message to the dead-letter topic on purpose."""
+_GAVE_UP = object()  # a failed message was dead-lettered
 
 
 class _Endpoint:
     """A route ready to run: its middleware chain and options, built once."""
 
-    __slots__ = ("route", "chain", "timeout", "fmt", "pattern", "stats", "ordered")
+    __slots__ = ("route", "chain", "timeout", "fmt", "pattern", "stats", "ordered", "guard")
 
-    def __init__(self, route: Route, chain: CallNext, stats: ProcessStats) -> None:
+    def __init__(self, route: Route, chain: CallNext, stats: ProcessStats, guard: RouteGuard) -> None:
         self.route = route
         self.chain = chain
         self.timeout = route.timeout if route.stream is None else None  # a stream route's timeout is its consumer's
@@ -54,6 +56,7 @@ class _Endpoint:
         self.pattern = route.pattern
         self.stats = stats.route(route.pattern)
         self.ordered = route.ordered
+        self.guard = guard
 
 
 class Dispatcher:
@@ -70,6 +73,7 @@ class Dispatcher:
         *,
         use_subscription_ids: Callable[[], bool] = lambda: True,
         on_complete: Callable[[], None] | None = None,
+        retry_scale: float = 1.0,
     ) -> None:
         self.table = table
         self.settings = settings
@@ -87,14 +91,19 @@ class Dispatcher:
         self.completed = 0  # read by the network thread for backpressure; written here only
         self.last_message_at = 0.0
         self._is_dead_letter_topic = dead_letter_matcher(settings.dead_letter_topic)
+        self._errors = ErrorLog(log, settings.error_log_interval)
         self._endpoints: dict[int, _Endpoint] = {}
         self._by_sub_id: list[_Endpoint | None] = [None]
         for route in table.routes:
-            endpoint = _Endpoint(route, self._make_chain(route), stats)
+            # The retry policy of a stream route is its consumers'; the MQTT side only appends (XADD).
+            policy = route.retry if route.retry is not None and route.stream is None else Retry()
+            guard = RouteGuard(route.pattern, policy, stats.route(route.pattern), self._errors, log, retry_scale)
+            endpoint = _Endpoint(route, self._make_chain(route), stats, guard)
             self._endpoints[id(route)] = endpoint
             self._by_sub_id.append(endpoint)
         # Per-topic turns for ordered routes (core.ordering); None when no route is ordered.
         self.sequencer = TopicSequencer() if any(route.ordered for route in table.routes) else None
+        stats.extensions["holding"] = self.holding
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -219,32 +228,28 @@ class Dispatcher:
             endpoint.route, self.services,
         )
         started = _perf()
+        guard = endpoint.guard
         deadline: asyncio.Timeout | None = None
-        try:
-            if endpoint.timeout is None:
-                result = await endpoint.chain(context)
-            else:
-                async with asyncio.timeout(endpoint.timeout) as deadline:
+        if not guard.breaker.closed:  # its dependency is down: wait for the breaker's probe instead of calling
+            result = await self._recover(endpoint, context, None, started, message)
+        else:
+            try:
+                if endpoint.timeout is None:
                     result = await endpoint.chain(context)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            elapsed = _perf() - started
-            # Only the route's deadline is a "Timeout"; a TimeoutError the handler raised itself is its error.
-            if deadline is not None and deadline.expired():
-                self._observe(endpoint, elapsed, "timeout")
-                log.error("route %r: handler timed out after %.3g s on %r", endpoint.pattern, endpoint.timeout, topic)
-                await self._dead_letter(endpoint, topic, raw, message, "Timeout",
-                                        f"handler exceeded timeout={endpoint.timeout} s")
-                return
-            self._observe(endpoint, elapsed, "error")
-            if isinstance(exc, DeadLetter):
-                log.warning("route %r: message on %r dead-lettered: %s", endpoint.pattern, topic, exc)
-            else:
-                log.error("route %r: handler raised on %r: %s: %s", endpoint.pattern, topic, type(exc).__name__, exc,
-                          exc_info=exc)
-            await self._dead_letter(endpoint, topic, raw, message, type(exc).__name__, str(exc))
+                else:
+                    async with asyncio.timeout(endpoint.timeout) as deadline:
+                        result = await endpoint.chain(context)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Only the route's deadline is a "Timeout"; a TimeoutError the handler raised itself is its error.
+                if deadline is not None and deadline.expired():
+                    exc = RouteTimeout(f"handler exceeded timeout={endpoint.timeout} s")
+                result = await self._recover(endpoint, context, exc, started, message)
+        if result is _GAVE_UP:
             return
+        if guard.breaker.failures:
+            guard.answered()
         elapsed = _perf() - started
         route_stats.handled += 1
         route_stats.seconds += elapsed
@@ -254,6 +259,45 @@ class Dispatcher:
                 observe(endpoint.pattern, elapsed, "ok")
         if result is not None:
             await self._respond(context, result)
+
+    async def _recover(self, endpoint: _Endpoint, context: MessageContext, exc: Exception | None, started: float,
+                       message: Any) -> Any:
+        """After a failure (or with the route's breaker open): retry per the route's policy; dead-letter if it
+        gives up (returns _GAVE_UP). Raises CancelledError at shutdown, leaving the message unacknowledged."""
+        outcome = await endpoint.guard.retry(partial(self._call, endpoint, context), exc, context.topic)
+        error = outcome.error
+        if error is None:
+            return outcome.result
+        pattern, topic = endpoint.pattern, context.topic
+        self._observe(endpoint, _perf() - started, "timeout" if isinstance(error, RouteTimeout) else "error")
+        if isinstance(error, (DeadLetter, RouteTimeout)):
+            self._errors.log((pattern, "dead_letter", type(error)), logging.WARNING,
+                             "route %r: message on %r dead-lettered: %s", pattern, topic, error)
+        else:
+            self._errors.log((pattern, "dead_letter", type(error)), logging.ERROR,
+                             "route %r: handler raised on %r (attempt %d, giving up): %s", pattern, topic,
+                             outcome.attempts, first_line(error), exc=error)
+        error_type = "Timeout" if isinstance(error, RouteTimeout) else type(error).__name__
+        await self._dead_letter(endpoint, topic, context.raw_payload, message, error_type, str(error), outcome.attempts)
+        return _GAVE_UP
+
+    async def _call(self, endpoint: _Endpoint, context: MessageContext) -> Any:
+        """One more run of the route's chain (a retry), with the route's timeout."""
+        if endpoint.timeout is None:
+            return await endpoint.chain(context)
+        deadline: asyncio.Timeout | None = None
+        try:
+            async with asyncio.timeout(endpoint.timeout) as deadline:
+                return await endpoint.chain(context)
+        except TimeoutError:
+            if deadline is not None and deadline.expired():
+                raise RouteTimeout(f"handler exceeded timeout={endpoint.timeout} s") from None
+            raise
+
+    def holding(self) -> dict[str, dict[str, Any]]:
+        """`stats.extensions["holding"]`: per route whose dependency is down, messages held and breaker state."""
+        return {e.pattern: {"holding": e.guard.holding, "breaker": e.guard.breaker.state}
+                for e in self._endpoints.values() if e.guard.holding or not e.guard.breaker.closed}
 
     def _observe(self, endpoint: _Endpoint, elapsed: float, outcome: str) -> None:
         endpoint.stats.failed += 1
@@ -279,7 +323,9 @@ class Dispatcher:
 
     async def _dead_letter(
         self, endpoint: _Endpoint | None, topic: str, raw: bytes, message: Any, error_type: str, error: str,
+        attempts: int = 0,
     ) -> None:
+        """Publish the message to the dead-letter topic; `attempts`: handler calls made (0: never called)."""
         self.stats.dead_lettered += 1
         if endpoint is not None:
             endpoint.stats.dead_lettered += 1
@@ -298,16 +344,25 @@ class Dispatcher:
                     ("error", sanitize(error, ERROR_BYTES)), ("error_type", sanitize(error_type, NAME_BYTES)),
                     ("original_topic", topic), ("route", sanitize(route, NAME_BYTES)),
                     ("worker", sanitize(self.services.worker_id, NAME_BYTES)), ("original_qos", str(message.qos)),
+                    ("attempts", str(attempts)),
                 ],
             }
             await publisher.publish(target, raw, qos, False, properties=props)
         else:
-            await publisher.publish(target, dead_letter_envelope(topic, raw, error_type, error, route, self.services.worker_id), qos)
+            envelope = dead_letter_envelope(topic, raw, error_type, error, route, self.services.worker_id)
+            envelope["attempts"] = attempts
+            await publisher.publish(target, envelope, qos)
 
     # -- shutdown ---------------------------------------------------------------------------------
 
     def stop_accepting(self) -> None:
         self._accepting = False
+        held = sum(endpoint.guard.holding for endpoint in self._endpoints.values())
+        if held:
+            log.warning("shutdown: %d message(s) held for a down dependency are left unacknowledged (the broker "
+                        "redelivers QoS 1/2 ones)", held)
+        for endpoint in self._endpoints.values():
+            endpoint.guard.stop()  # messages waiting to retry end now, without an ack
 
     async def drain(self, timeout: float) -> bool:
         """Wait for running handlers; cancel what is left after `timeout`. True if all finished."""

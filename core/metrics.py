@@ -61,6 +61,7 @@ STREAM_COUNTERS = {
     "retried": "Stream entries re-claimed for a retry",
     "dead_lettered": "Stream entries moved to <stream>:dlq",
     "reclaimed": "Stream entries taken over from another consumer (XAUTOCLAIM)",
+    "held": "Stream entry failures a down dependency caused (retried without counting an attempt)",
 }
 OUTBOX_COUNTERS = {
     "claimed": "Outbox rows claimed (a takeover counts again)",
@@ -385,6 +386,10 @@ class RouteView:
     rate: float = 0.0  # completed messages per second over the last RATE_WINDOW
     error_rate: float = 0.0  # dead-lettered per second
     histogram: tuple[list[int], float] | None = None  # (bucket counts, sum)
+    retried: int = 0
+    held: int = 0  # messages that waited for a down dependency (cumulative)
+    holding: int = 0  # messages waiting for a down dependency now, over every process
+    breaker: str = "closed"  # the most open circuit breaker state of the route over the processes
 
     @property
     def average_ms(self) -> float:
@@ -445,6 +450,7 @@ class Aggregator:
         for _, cumulative in per_process:
             _add_numbers(totals, cumulative)
         routes = self._routes(totals)
+        _add_holding(routes, sample.processes)
         bounds = list(LATENCY_BUCKETS)
         for info in sample.processes:
             latency = info.stats.get("latency") if info.stats else None
@@ -469,6 +475,8 @@ class Aggregator:
             view.failed = int(data.get("failed", 0))
             view.dead_lettered = int(data.get("dead_lettered", 0))
             view.seconds = float(data.get("seconds", 0.0))
+            view.retried = int(data.get("retried", 0))
+            view.held = int(data.get("held", 0))
             view.received = view.handled + view.dead_lettered
         for pattern, actions in (totals.get("rate_limited") or {}).items():
             by_pattern.setdefault(pattern, RouteView(pattern)).rate_limited = {k: int(v) for k, v in actions.items()}
@@ -493,6 +501,24 @@ class Aggregator:
         r_rates = {k: (max(0, v[0] - r0.get(k, (0, 0))[0]) / span, max(0, v[1] - r0.get(k, (0, 0))[1]) / span)
                    for k, v in r_counts.items()}
         return p_rates, r_rates
+
+
+_BREAKER_ORDER = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def _add_holding(routes: list[RouteView], processes: list[ProcessInfo]) -> None:
+    """Live holding counts and breaker states (the dispatchers' `holding` extension), summed over processes."""
+    by_pattern = {route.pattern: route for route in routes}
+    for info in processes:
+        for pattern, data in ((info.stats or {}).get("holding") or {}).items():
+            route = by_pattern.get(pattern)
+            if route is None:
+                route = by_pattern[pattern] = RouteView(pattern)
+                routes.append(route)
+            route.holding += int(data.get("holding", 0))
+            state = str(data.get("breaker", "closed"))
+            if _BREAKER_ORDER.get(state, 0) > _BREAKER_ORDER.get(route.breaker, 0):
+                route.breaker = state
 
 
 # -- Prometheus -------------------------------------------------------------------------------------
@@ -568,6 +594,13 @@ def build_metric_families(view: SystemView, prefix: str = "mqtt_app") -> list[An
     r_handled = counter("route_messages_handled", "Messages a route's handler finished without error", ["route"])
     r_failed = counter("route_messages_failed", "Handler errors and timeouts (these are also dead-lettered)", ["route"])
     r_dead = counter("route_messages_dead_lettered", "Messages of a route sent to the dead-letter topic", ["route"])
+    r_retried = counter("route_messages_retried", "Handler calls repeated after a failure (route retry policy)",
+                        ["route"])
+    r_held = counter("route_messages_held", "Messages that waited for a down dependency (transient failure or "
+                     "open circuit breaker) instead of being dead-lettered", ["route"])
+    r_holding = gauge("route_messages_holding", "Messages waiting for a down dependency now (not acknowledged)",
+                      ["route"])
+    r_open = gauge("route_circuit_open", "1 while a route's circuit breaker is open or half-open", ["route"])
     r_limited = counter("rate_limited", "Messages over a RateLimit, by action (dead_letter or drop)", ["route", "action"])
     latency = HistogramMetricFamily(f"{p}_handler_duration_seconds", "Handler (with middleware) time per route",
                                     labels=["route"])
@@ -577,6 +610,10 @@ def build_metric_families(view: SystemView, prefix: str = "mqtt_app") -> list[An
         r_handled.add_metric([route.pattern], route.handled)
         r_failed.add_metric([route.pattern], route.failed)
         r_dead.add_metric([route.pattern], route.dead_lettered)
+        r_retried.add_metric([route.pattern], route.retried)
+        r_held.add_metric([route.pattern], route.held)
+        r_holding.add_metric([route.pattern], route.holding)
+        r_open.add_metric([route.pattern], 0 if route.breaker == "closed" else 1)
         for action, count in sorted(route.rate_limited.items()):
             r_limited.add_metric([route.pattern, action], count)
         if route.histogram is not None:

@@ -46,6 +46,7 @@ from core.backoff import backoff_delay
 from core.config import Settings
 from core.context import MessageContext
 from core.database import Base, Database, DatabaseError, safe_url
+from core.error_log import ErrorLog
 from core.payload import encode_payload
 from core.streams import is_transient, is_unreachable
 from core.wire import check_topic_name, publish_properties
@@ -275,6 +276,7 @@ class OutboxProcessor:
         self._redis_down = False  # Redis unreachable: stream rows stay unclaimed until a PING answers
         self._redis_failures = 0  # consecutive rounds Redis could not take stream rows (backoff)
         self._next_probe = 0.0
+        self._errors = ErrorLog(log, settings.error_log_interval)
 
     # -- lifecycle --
 
@@ -361,21 +363,34 @@ class OutboxProcessor:
         renew = asyncio.get_running_loop().create_task(self._renew(token))
         try:
             outcomes = await self._publish_all(rows)
+            await self._record_until_done(rows, outcomes, token)
         finally:
             renew.cancel()
             await asyncio.gather(renew, return_exceptions=True)
-        for attempt in range(6):
-            try:
-                await self._record(rows, outcomes, token)
-                break
-            except (SQLAlchemyError, OSError) as exc:
-                # Keep trying: an unrecorded claim would be published again after its lock expires.
-                if attempt == 5:
-                    raise
-                log.warning("outbox: could not record the outcome of claim %s (%s); retrying", token, _short(exc))
-                await asyncio.sleep(0.2 * 2 ** attempt)
         self._token = None
         return len(rows)
+
+    async def _record_until_done(self, rows: list[Any], outcomes: list[BaseException | None], token: str) -> None:
+        """Record the outcome, retrying while the database is away (the lock is renewed meanwhile).
+
+        An unrecorded claim would be published again once its lock expired: after a database outage
+        the rows it published must be marked, not published twice.
+        """
+        failures = 0
+        started = time.monotonic()
+        while True:
+            try:
+                await self._record(rows, outcomes, token)
+            except (SQLAlchemyError, OSError) as exc:
+                self._errors.log(("record",), logging.WARNING, "outbox: cannot record the outcome of claim %s (%s); "
+                                 "retrying until the database answers (its lock is renewed meanwhile)", token,
+                                 _short(exc))
+                await asyncio.sleep(backoff_delay(failures, 0.2, 5.0, random.random))
+                failures += 1
+                continue
+            if failures:
+                log.warning("outbox: recorded the outcome of claim %s after %.1f s", token, time.monotonic() - started)
+            return
 
     async def claim(self, kinds: list[str] | None = None) -> tuple[list[Any], str]:
         """Atomically take up to OUTBOX_BATCH_SIZE due rows (new, failed and due, or with an expired lock)."""

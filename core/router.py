@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from core.handler import RESERVED_ARGUMENTS, HandlerSpec
 from core.middleware import Middleware, check_middleware
 from core.payload import PAYLOAD_FORMATS
+from core.retry import Retry, route_retry
 from core.topic_trie import TopicTrie
 from core.wire import string_problem
 
@@ -37,6 +38,7 @@ ROUTE_OPTIONS: dict[str, Any] = {
     "qos": 0, "shared": False, "worker_count": 1, "middleware": (), "payload_format": "auto", "timeout": None,
     "stream": None, "name": None,
     "ordered": False,  # one message per topic at a time, in arrival order (core.ordering); `route.ordered`
+    "retry": None, "retries": None, "retry_backoff": None,  # the retry policy (core.retry)
     "meta": None,  # a free-form dict for middleware and tools: `route.options["meta"]`
 }
 
@@ -177,6 +179,7 @@ class Route:
     name: str = ""
     module: str = "?"
     options: dict[str, Any] = field(default_factory=dict)
+    retry: Retry | None = None  # None: the default of its kind (MQTT: no retries; stream: STREAM_MAX_RETRIES)
     subscribe: bool = True  # False: a consumer of a Redis stream only (`Router.stream`), no MQTT subscription
 
     def __post_init__(self) -> None:
@@ -260,13 +263,20 @@ class Router:
         timeout: float | None = None,
         stream: str | None = None,
         name: str | None = None,
+        retry: Retry | None = None,
+        retries: int | None = None,
+        retry_backoff: float | Sequence[float] | None = None,
         **options: Any,
     ) -> Route:
-        """Register `handler` for topics matching `pattern`; returns the Route."""
+        """Register `handler` for topics matching `pattern`; returns the Route.
+
+        `retries`/`retry_backoff` (or `retry=Retry(...)`): how failures are retried (core.retry).
+        """
         module = sys._getframe(1).f_globals.get("__name__", "?")
         return self._add(
             pattern, handler, module, qos=qos, shared=shared, worker_count=worker_count, middleware=middleware,
             payload_format=payload_format, timeout=timeout, stream=stream, name=name, options=options,
+            retry=retry, retries=retries, retry_backoff=retry_backoff,
         )
 
     def stream(
@@ -279,6 +289,9 @@ class Router:
         payload_format: str = "auto",
         timeout: float | None = None,
         name: str | None = None,
+        retry: Retry | None = None,
+        retries: int | None = None,
+        retry_backoff: float | Sequence[float] | None = None,
         **options: Any,
     ) -> Route:
         """Consume the Redis stream `stream`, written by other systems (no MQTT subscription; see docs/streams.md).
@@ -292,7 +305,7 @@ class Router:
         return self._add(
             f"{STREAM_PATTERN_PREFIX}{stream}", handler, module, qos=0, shared=shared, worker_count=1,
             middleware=middleware, payload_format=payload_format, timeout=timeout, stream=stream, name=name,
-            options=options, subscribe=False,
+            options=options, subscribe=False, retry=retry, retries=retries, retry_backoff=retry_backoff,
         )
 
     def route(self, pattern: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -322,7 +335,7 @@ class Router:
                 qos=route.qos, shared=route.shared,
                 worker_count=route.worker_count, middleware=(*middleware, *route.middleware),
                 payload_format=route.payload_format, timeout=route.timeout, stream=route.stream,
-                name=route.name, options=dict(route.options), subscribe=route.subscribe,
+                name=route.name, options=dict(route.options), subscribe=route.subscribe, retry=route.retry,
             )
 
     async def dispatch(self, topic: str, payload: Any, client: Any) -> Any:
@@ -360,6 +373,9 @@ class Router:
         name: str | None,
         options: dict[str, Any],
         subscribe: bool = True,
+        retry: Retry | None = None,
+        retries: Any = None,
+        retry_backoff: Any = None,
     ) -> Route:
         full = _join(self._prefix, pattern) if isinstance(pattern, str) and subscribe else pattern
         where = f"route {full!r} (registered in {module})"
@@ -379,6 +395,10 @@ class Router:
             raise RouteError(f"{where}: payload_format must be one of {', '.join(PAYLOAD_FORMATS)}, not {payload_format!r}")
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise RouteError(f"{where}: timeout must be a positive number of seconds, not {timeout!r}")
+        try:
+            policy = route_retry(retry, retries, retry_backoff)
+        except ValueError as exc:
+            raise RouteError(f"{where}: {exc}") from None
         chain: list[Middleware] = []
         for mw in (*self._middleware, *middleware):
             try:
@@ -400,7 +420,7 @@ class Router:
         route = Route(
             pattern=full, handler=spec, compiled=compiled, qos=qos, shared=shared, worker_count=worker_count,
             middleware=tuple(chain), payload_format=payload_format, timeout=timeout, stream=stream,
-            name=name or spec.name, module=module, options=options, subscribe=subscribe,
+            name=name or spec.name, module=module, options=options, subscribe=subscribe, retry=policy,
         )
         self.routes.append(route)
         self._by_key[(compiled.filter, shared)] = route

@@ -12,6 +12,8 @@ class RouteStats:
     failed: int = 0
     dead_lettered: int = 0
     seconds: float = 0.0  # total handler time, for the average
+    retried: int = 0  # handler calls repeated after a failure (core.retry)
+    held: int = 0  # messages that waited for a down dependency (transient failure or open circuit breaker)
 
 
 # observe(route_pattern, seconds, outcome) with outcome in {"ok", "error", "timeout", "rejected"}
@@ -72,7 +74,8 @@ class ProcessStats:
             "inflight": self.inflight,
             "responses": self.responses,
             "routes": {
-                pattern: {"handled": r.handled, "failed": r.failed, "dead_lettered": r.dead_lettered, "seconds": r.seconds}
+                pattern: {"handled": r.handled, "failed": r.failed, "dead_lettered": r.dead_lettered, "seconds": r.seconds,
+                          "retried": r.retried, "held": r.held}
                 for pattern, r in self.routes.items()
             },
         }

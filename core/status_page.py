@@ -45,6 +45,7 @@ def status_data(view: "SystemView", readiness: dict[str, Any], settings: "Settin
         "pattern": r.pattern, "rate": round(r.rate, 2), "error_rate": round(r.error_rate, 2), "received": r.received,
         "handled": r.handled, "failed": r.failed, "dead_lettered": r.dead_lettered,
         "rate_limited": sum(r.rate_limited.values()), "avg_ms": round(r.average_ms, 3),
+        "retried": r.retried, "held": r.held, "holding": r.holding, "breaker": r.breaker,
     } for r in view.routes]
     connected = [p for p in processes if p["role"] != "supervisor"]
     return {
@@ -63,7 +64,9 @@ def status_data(view: "SystemView", readiness: dict[str, Any], settings: "Settin
         },
         "processes": processes,
         "routes": routes,
-        "totals": {k: int(view.totals.get(k, 0)) for k in ("received", "handled", "failed", "dead_lettered", "unrouted")},
+        "totals": {**{k: int(view.totals.get(k, 0)) for k in ("received", "handled", "failed", "dead_lettered",
+                                                               "unrouted")},
+                   "holding": sum(r.holding for r in view.routes)},
         "backlog": dict(view.backlog),
         "dead_letters": recent_dead_letters(DEAD_LETTERS_SHOWN),
         "events": recent_events(EVENTS_SHOWN),
@@ -150,7 +153,8 @@ def render_fragment(data: dict[str, Any]) -> str:
     parts.append(
         f'<p class="totals">received <b data-k="received">{t["received"]}</b> · handled <b data-k="handled">'
         f'{t["handled"]}</b> · failed <b data-k="failed">{t["failed"]}</b> · dead-lettered <b data-k="dead_lettered">'
-        f'{t["dead_lettered"]}</b> · unrouted <b data-k="unrouted">{t["unrouted"]}</b></p>'
+        f'{t["dead_lettered"]}</b> · unrouted <b data-k="unrouted">{t["unrouted"]}</b> · holding '
+        f'<b data-k="holding" class="{"bad" if t["holding"] else ""}">{t["holding"]}</b></p>'
     )
     parts.append(render_charts(data))
     parts.append("<h2>Processes</h2><table id=\"processes\"><thead><tr><th>id</th><th>pid</th><th>state</th>"
@@ -171,14 +175,17 @@ def render_fragment(data: dict[str, Any]) -> str:
     parts.append("</tbody></table>")
     parts.append("<h2>Routes</h2><table id=\"routes\"><thead><tr><th>route</th><th>msg/s</th><th>errors/s</th>"
                  "<th>received</th><th>handled</th><th>failed</th><th>dead-lettered</th><th>rate-limited</th>"
-                 "<th>avg ms</th></tr></thead><tbody>")
+                 "<th>retried</th><th>holding</th><th>avg ms</th></tr></thead><tbody>")
     for r in data["routes"]:
         parts.append(
             f'<tr data-route="{_e(r["pattern"])}"><td><code>{_e(r["pattern"])}</code></td>'
             f'<td class="rate">{r["rate"]:.1f}</td><td class="error_rate">{r["error_rate"]:.1f}</td>'
             f'<td class="received">{r["received"]}</td><td class="handled">{r["handled"]}</td>'
             f'<td class="failed">{r["failed"]}</td><td class="dead_lettered">{r["dead_lettered"]}</td>'
-            f'<td class="rate_limited">{r["rate_limited"]}</td><td class="avg_ms">{r["avg_ms"]:.2f}</td></tr>'
+            f'<td class="rate_limited">{r["rate_limited"]}</td><td class="retried">{r["retried"]}</td>'
+            f'<td class="holding {"bad" if r["breaker"] != "closed" else ""}" data-breaker="{_e(r["breaker"])}">'
+            f'{r["holding"]}{"" if r["breaker"] == "closed" else " (circuit " + _e(r["breaker"].replace("_", "-")) + ")"}'
+            f'</td><td class="avg_ms">{r["avg_ms"]:.2f}</td></tr>'
         )
     parts.append("</tbody></table>")
     if data["backlog"]:

@@ -33,12 +33,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from core.backoff import backoff_delay
+from core.breaker import CircuitBreaker
 from core.config import Settings
 from core.context import MessageContext, Services
 from core.dispatcher import handler_call  # the handler is called as on an inline route
+from core.error_log import ErrorLog
+from core.failures import RouteTimeout, first_line, is_transient, is_unreachable
 from core.intake import Intake
 from core.middleware import CallNext, build_chain
 from core.payload import PayloadError, decode_payload
+from core.retry import DEAD_LETTER, TRANSIENT, Retry, stream_retry
 from core.router import Route, RouteError
 from core.stats import ProcessStats
 
@@ -64,14 +68,6 @@ class StreamError(RuntimeError):
     """Redis refused to store this entry for a reason that retrying will not fix (e.g. WRONGTYPE)."""
 
 
-# Error replies meaning "this server cannot take writes right now", whatever the command: a replica
-# during failover (READONLY), maxmemory with noeviction (OOM), a long script (BUSY), loading the
-# dataset (LOADING), cluster resharding or outages, persistence failing (MISCONF), missing replicas.
-TRANSIENT_REPLIES = frozenset({
-    "READONLY", "OOM", "BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "MISCONF", "NOREPLICAS",
-})
-
-
 def redis_errors() -> tuple[type[BaseException], ...]:
     """Exceptions meaning "Redis is not reachable right now" (retried with backoff, never fatal)."""
     from redis.exceptions import ConnectionError as RedisConnectionError
@@ -80,39 +76,16 @@ def redis_errors() -> tuple[type[BaseException], ...]:
     return (RedisConnectionError, RedisTimeoutError, OSError)
 
 
-def is_unreachable(exc: BaseException) -> bool:
-    """The connection failed (as opposed to Redis answering with an error)."""
-    return isinstance(exc, redis_errors())
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Redis cannot take the command now but will later: unreachable, or a transient error reply.
-
-    Such failures are held and retried with backoff, never dead-lettered or counted as attempts.
-    """
-    if is_unreachable(exc):
-        return True
-    from redis.exceptions import ResponseError
-
-    if not isinstance(exc, ResponseError):
-        return False
-    code = getattr(exc, "status_code", None)  # set by redis-py for the replies it knows (OOM, READONLY, ...)
-    if not code:
-        text = str(exc.args[0]) if exc.args else ""
-        code = text.split(" ", 1)[0]
-    return code in TRANSIENT_REPLIES
-
-
 def make_redis(settings: Settings) -> "Redis":
     """One client (with its connection pool) per process; built after the process started."""
     from redis.asyncio import Redis
-    from redis.asyncio.retry import Retry
+    from redis.asyncio.retry import Retry as RedisRetry
     from redis.backoff import NoBackoff
 
     # One immediate retry replaces a pooled connection that died with a Redis restart; longer
     # outages are handled (and logged) by the callers' own backoff.
     return Redis.from_url(settings.redis_url, socket_timeout=BLOCK_MS / 1000 + 10, socket_connect_timeout=5,
-                          retry=Retry(NoBackoff(), 1), health_check_interval=30)
+                          retry=RedisRetry(NoBackoff(), 1), health_check_interval=30)
 
 
 def _reconnect_delay(failures: int) -> float:
@@ -254,8 +227,13 @@ class StreamWriter:
         self._queue: list[tuple[str, dict[str, Any], asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.down = False
+        # Open while Redis cannot take entries; the retried batch is the half-open probe.
+        self.breaker = CircuitBreaker(1, RECONNECT_MIN, RECONNECT_MAX)
         self.appended = 0
+
+    @property
+    def down(self) -> bool:
+        return not self.breaker.closed
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self._name}-writer")
@@ -277,7 +255,6 @@ class StreamWriter:
             await self._write(batch)
 
     async def _write(self, batch: list[tuple[str, dict[str, Any], asyncio.Future[Any]]]) -> None:
-        failures = 0
         while True:
             batch = [item for item in batch if not item[2].done()]
             if not batch:
@@ -292,8 +269,7 @@ class StreamWriter:
             except Exception as exc:  # noqa: BLE001 - classified below
                 if is_transient(exc):
                     self._hold(exc, len(batch))
-                    await asyncio.sleep(_reconnect_delay(failures))
-                    failures += 1
+                    await self.breaker.admit()
                     continue
                 if len(batch) > 1:
                     # Something in the batch could not even be sent (e.g. a field redis-py cannot encode):
@@ -319,22 +295,19 @@ class StreamWriter:
                     self.appended += 1
                     fut.set_result(result)
             if reason is None:
-                if self.down:
+                if self.breaker.record_success():
                     log.warning("Redis is reachable again: appending to streams")
-                    self.down = False
                 return
             self._hold(reason, len(held))
             batch = held
-            await asyncio.sleep(_reconnect_delay(failures))
-            failures += 1
+            await self.breaker.admit()
 
     def _hold(self, exc: BaseException, count: int) -> None:
-        """Log (once per outage) that MQTT acknowledgements wait until Redis takes entries again."""
-        if not self.down:
+        """Open the breaker; log (once per outage) that MQTT acknowledgements wait until Redis takes entries again."""
+        if self.breaker.record_failure():
             what = "Redis unreachable" if is_unreachable(exc) else "Redis cannot take entries now"
             log.warning("%s (%s: %s): holding %d MQTT acknowledgement(s) until it is back; retrying", what,
                         type(exc).__name__, exc, count + len(self._queue))
-        self.down = True
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -367,14 +340,15 @@ def bridge_call(route: Route, services: Services) -> CallNext:
 
 
 class _Endpoint:
-    __slots__ = ("route", "chain", "timeout", "stats", "label")
+    __slots__ = ("route", "chain", "timeout", "stats", "label", "policy")
 
-    def __init__(self, route: Route, chain: CallNext, stats: ProcessStats, stream: str) -> None:
+    def __init__(self, route: Route, chain: CallNext, stats: ProcessStats, stream: str, policy: Retry) -> None:
         self.route = route
         self.chain = chain
         self.timeout = route.timeout
         self.label = f"stream:{stream}"
         self.stats = stats.route(self.label)
+        self.policy = policy
 
 
 @dataclass
@@ -384,6 +358,7 @@ class ConsumerCounters:
     retried: int = 0
     dead_lettered: int = 0
     reclaimed: int = 0
+    held: int = 0  # failures a down dependency caused (retried without counting an attempt)
 
 
 class StreamConsumer:
@@ -411,16 +386,20 @@ class StreamConsumer:
         self.stats = stats
         self.batch = settings.stream_batch_size
         self.maxlen = settings.stream_maxlen or None
-        self.max_retries = settings.stream_max_retries
-        self.retry_delay = settings.stream_retry_delay
+        default = stream_retry(settings.stream_max_retries, settings.stream_retry_delay)
         self.claim_idle_ms = settings.stream_claim_idle_ms
         self.claim_every = min(15.0, max(0.2, self.claim_idle_ms / 4000))
         self.shutdown_timeout = settings.shutdown_timeout
         self.counters = ConsumerCounters()
         self._endpoints = {
-            route.pattern: _Endpoint(route, build_chain(route.middleware, handler_call(route, executor)), stats, stream)
+            route.pattern: _Endpoint(route, build_chain(route.middleware, handler_call(route, executor)), stats, stream,
+                                     route.retry or default)
             for route in routes
         }
+        # Deliveries after which a reclaimed entry is dead-lettered unhandled (its handlers died or hung).
+        self.max_deliveries = max(e.policy.retries for e in self._endpoints.values()) + 1
+        self._held = 0  # transient failures in a row (backoff of their uncounted retries)
+        self._errors = ErrorLog(log, settings.error_log_interval)
         self._routes = list(routes)
         self._to_ack: list[Any] = []
         self._inflight: set[Any] = set()
@@ -583,29 +562,44 @@ class StreamConsumer:
         )
         context.state["stream"] = StreamDelivery(self.stream, _text(entry_id), attempt)
         started = time.perf_counter()
+        deadline: asyncio.Timeout | None = None
         try:
             if endpoint.timeout is None:
                 result = await endpoint.chain(context)
             else:
-                result = await asyncio.wait_for(endpoint.chain(context), endpoint.timeout)
+                async with asyncio.timeout(endpoint.timeout) as deadline:
+                    result = await endpoint.chain(context)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if deadline is not None and deadline.expired():  # the route's timeout, not the dependency's
+                exc = RouteTimeout(f"handler exceeded timeout={endpoint.timeout} s")
             self._observe(endpoint, time.perf_counter() - started, "error")
             self.counters.failed += 1
-            from core.dispatcher import DeadLetter  # late: the dispatcher imports this module
-
-            if isinstance(exc, DeadLetter) or attempt > self.max_retries:
-                log.error("stream %r: entry %s failed (attempt %d): %s: %s; moving it to %r", self.stream,
-                          _text(entry_id), attempt, type(exc).__name__, exc, self.dlq, exc_info=exc)
+            policy = endpoint.policy
+            kind = policy.classify(exc)
+            if kind == TRANSIENT:
+                # A dependency is down: retried without counting the attempt (it is never dead-lettered for it).
+                self.counters.held += 1
+                delay = _reconnect_delay(self._held)
+                self._held += 1
+                self._errors.log((self.stream, TRANSIENT, type(exc)), logging.WARNING,
+                                 "stream %r: entry %s hit a down dependency (%s); retrying in %.3g s", self.stream,
+                                 _text(entry_id), first_line(exc), delay, exc=exc)
+                self._retry_later(entry_id, fields, attempt, delay, counted=False)
+            elif kind == DEAD_LETTER or attempt > policy.retries:
+                self._errors.log((self.stream, DEAD_LETTER, type(exc)), logging.ERROR,
+                                 "stream %r: entry %s failed (attempt %d): %s; moving it to %r", self.stream,
+                                 _text(entry_id), attempt, first_line(exc), self.dlq, exc=exc)
                 await self._dead_letter(entry_id, fields, attempt, exc, endpoint)
             else:
-                log.warning("stream %r: entry %s failed (attempt %d of %d): %s: %s; retrying in %.3g s", self.stream,
-                            _text(entry_id), attempt, self.max_retries + 1, type(exc).__name__, exc, self.retry_delay)
-                task = asyncio.get_running_loop().create_task(self._retry_later(entry_id, attempt))
-                self._retries.add(task)
-                task.add_done_callback(self._retries.discard)
+                delay = policy.delay(attempt)
+                self._errors.log((self.stream, "retry", type(exc)), logging.WARNING,
+                                 "stream %r: entry %s failed (attempt %d of %d): %s; retrying in %.3g s", self.stream,
+                                 _text(entry_id), attempt, policy.retries + 1, first_line(exc), delay)
+                self._retry_later(entry_id, fields, attempt, delay, counted=True)
             return
+        self._held = 0
         self._observe(endpoint, time.perf_counter() - started, "ok")
         self.counters.handled += 1
         if result is not None and context.response_topic:
@@ -630,15 +624,20 @@ class StreamConsumer:
         except Exception as exc:
             log.error("stream %r: could not publish the response to %r: %s", self.stream, context.response_topic, exc)
 
-    async def _retry_later(self, entry_id: Any, attempt: int) -> None:
-        await asyncio.sleep(self.retry_delay)
+    def _retry_later(self, entry_id: Any, fields: Any, attempt: int, delay: float, *, counted: bool) -> None:
+        task = asyncio.get_running_loop().create_task(self._retry(entry_id, fields, attempt, delay, counted))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _retry(self, entry_id: Any, fields: Any, attempt: int, delay: float, counted: bool) -> None:
+        await asyncio.sleep(delay)
         failures = 0
         while True:
             try:
-                # XCLAIM counts the delivery and resets the idle time; it returns nothing if another
-                # consumer took the entry meanwhile or it was trimmed away.
+                # XCLAIM counts the delivery and resets the idle time (JUSTID: resets it only, for an uncounted
+                # retry); it returns nothing if another consumer took the entry meanwhile or it was trimmed away.
                 claimed: Any = await self.redis.xclaim(self.stream, self.group, self.consumer,
-                                                  int(self.retry_delay * 900), [entry_id])
+                                                       int(delay * 900), [entry_id], justid=not counted)
                 break
             except Exception as exc:
                 if not is_transient(exc):
@@ -646,14 +645,17 @@ class StreamConsumer:
                 await asyncio.sleep(_reconnect_delay(failures))
                 failures += 1
         self.counters.retried += 1
-        for claimed_id, fields in claimed:
-            if fields:
-                try:
-                    await self._handle_batch([(claimed_id, fields, attempt + 1)])
-                except Exception as exc:
-                    if not is_transient(exc):
-                        raise
-                    # otherwise the acknowledgement waits in _to_ack for the consumer loop
+        if counted:
+            batch = [(claimed_id, claimed_fields, attempt + 1) for claimed_id, claimed_fields in claimed if claimed_fields]
+        else:
+            batch = [(entry_id, fields, attempt)] if claimed else []
+        if batch:
+            try:
+                await self._handle_batch(batch)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                # otherwise the acknowledgement waits in _to_ack for the consumer loop
 
     async def _reclaim(self) -> None:
         """Take over entries another consumer left pending longer than STREAM_CLAIM_IDLE_MS."""
@@ -679,7 +681,7 @@ class StreamConsumer:
             start = next_id
 
     async def _handle_reclaimed(self, batch: list[tuple[Any, Any, int]]) -> None:
-        limit = self.max_retries + 1
+        limit = self.max_deliveries
         runnable = []
         for entry_id, fields, delivered in batch:
             if delivered > limit:

@@ -27,6 +27,13 @@ the broker follows MQTT semantics:
   timeout, retries, `<stream>:dlq`); a `Router.stream` route has no MQTT subscription, so only
   `feed_stream(name, payload)` reaches it.
 
+Retries (`retries=`, `retry_backoff=`, `retry=Retry(...)`, core.retry) follow the route's policy
+exactly as in production: the same classification, attempt counts and dead letters (with their
+`attempts`), the same circuit breaker. Only the waits are skipped (`retry_delays=True` keeps them),
+so a test does not sleep through the backoff. A message held by a transient failure (a dependency
+down) is retried until it succeeds; if it still fails when `timeout` runs out, `publish()` raises
+`TestClientError` naming the held route.
+
 `publish()` returns once every handler the message (and what it caused) started has finished.
 """
 
@@ -47,7 +54,8 @@ from paho.mqtt.properties import Properties
 
 from core.config import Settings, load_settings
 from core.context import MessageContext, Services
-from core.dispatcher import DeadLetter, Dispatcher
+from core.dispatcher import Dispatcher
+from core.failures import RouteTimeout
 from core.middleware import CallNext, build_chain
 from core.payload import PayloadError, decode_payload, encode_payload
 from core.router import Route, Router, RouteTable
@@ -104,6 +112,7 @@ class DeadLetterRecord:
     error_type: str  # e.g. "PayloadError", "Timeout", "PayloadValidationError", or the exception's class name
     error: str
     payload: bytes  # the original payload
+    attempts: int = 0  # handler calls made before it was dead-lettered (0: the handler never ran)
 
 
 @dataclass(frozen=True)
@@ -294,12 +303,27 @@ class _MemoryStreams:
             chain = self._chains[id(route)] = build_chain(route.middleware, handler_call(route, self._client._executor))
         return chain
 
+    async def _call(self, route: Route, context: MessageContext) -> Any:
+        chain = self._chain(route)
+        if route.timeout is None:
+            return await chain(context)
+        deadline: asyncio.Timeout | None = None
+        try:
+            async with asyncio.timeout(route.timeout) as deadline:
+                return await chain(context)
+        except TimeoutError:
+            if deadline is not None and deadline.expired():  # the route's timeout: a permanent failure
+                raise RouteTimeout(f"handler exceeded timeout={route.timeout} s") from None
+            raise
+
     async def _consume(self, entry: StreamEntry) -> None:
         from core.streams import StreamDelivery, decode_entry
 
+        from core.retry import DEAD_LETTER, TRANSIENT, stream_retry
+
         client = self._client
         routes = self.consumers(entry.stream)
-        max_retries = client.settings.stream_max_retries
+        default = stream_retry(client.settings.stream_max_retries, client.settings.stream_retry_delay)
         route: Route | None = None
         attempt = 1
         while True:
@@ -317,12 +341,18 @@ class _MemoryStreams:
                                      message.retain, attempt > 1, message.properties, route, client.services)
             context.state["stream"] = StreamDelivery(entry.stream, entry.id, attempt)
             try:
-                chain = self._chain(route)
-                result = await (chain(context) if route.timeout is None else asyncio.wait_for(chain(context), route.timeout))
+                result = await self._call(route, context)
             except Exception as exc:
-                if isinstance(exc, DeadLetter) or attempt > max_retries:
+                policy = route.retry or default
+                kind = policy.classify(exc)
+                if kind == TRANSIENT:  # held: retried without counting an attempt, as StreamConsumer does
+                    await asyncio.sleep(0.1 if client.retry_delays else 0.001)
+                    continue
+                if kind == DEAD_LETTER or attempt > policy.retries:
                     self._dead_letter(entry, route, attempt, exc)
                     return
+                if client.retry_delays:
+                    await asyncio.sleep(policy.delay(attempt))
                 attempt += 1
                 continue
             if result is not None and context.response_topic:
@@ -360,6 +390,7 @@ class TestClient:
         timeout: float = 10.0,
         max_deliveries: int = 10_000,
         worker_id: str = "test",
+        retry_delays: bool = False,
     ) -> None:
         routes, app_settings = _routes_and_settings(app)
         if settings is None:
@@ -372,6 +403,7 @@ class TestClient:
         self.loopback = loopback
         self.timeout = timeout
         self.max_deliveries = max_deliveries
+        self.retry_delays = retry_delays  # False: retries run without their backoff waits
         recorder = _Recorder(self)
         self.routes: list[Route] = [dataclasses.replace(r, middleware=(recorder, *r.middleware)) for r in routes]
         self.table = RouteTable(self.routes)
@@ -421,6 +453,7 @@ class TestClient:
         self._dispatcher = Dispatcher(
             self.table, self.settings, self.services, self.stats, self._ack, self._executor,
             use_subscription_ids=lambda: self.v5, on_complete=self._progress.set,
+            retry_scale=1.0 if self.retry_delays else 0.0,
         )
         return self
 
@@ -623,12 +656,13 @@ class TestClient:
             if "error_type" not in props:
                 return None
             return DeadLetterRecord(message.topic, props.get("original_topic", ""), props.get("route", ""),
-                                    props["error_type"], props.get("error", ""), message.payload)
+                                    props["error_type"], props.get("error", ""), message.payload,
+                                    int(props.get("attempts") or 0))
         try:
             body = message.json()
             original = body["payload"].encode() if body["payload_encoding"] == "utf-8" else _b64(body["payload"])
             return DeadLetterRecord(message.topic, body["original_topic"], body["route"], body["error_type"],
-                                    body["error"], original)
+                                    body["error"], original, int(body.get("attempts") or 0))
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
@@ -642,6 +676,12 @@ class TestClient:
                 break
             remaining = deadline - loop.time()
             if remaining <= 0:
+                held = self._dispatcher.holding()
+                if held:
+                    raise TestClientError(
+                        f"messages still held {self.timeout} s after publishing to {topic!r}: a transient failure "
+                        f"(a dependency down) keeps them retrying on {', '.join(sorted(held))}"
+                    )
                 raise TestClientError(
                     f"handlers still running {self.timeout} s after publishing to {topic!r} "
                     f"({self._dispatcher.inflight + len(self._tasks)} in flight); raise TestClient(timeout=...) or "

@@ -13,6 +13,7 @@ import pytest
 
 from core.context import MessageContext
 from core.middleware import BaseMiddleware, CallNext
+from core.retry import Retry
 from core.router import Router
 from tests.integration.conftest import BrokerTarget, ProbeFn, ServeFn
 from tests.support.rt_probe import Probe
@@ -568,8 +569,10 @@ async def test_timeouts_and_middleware_errors_are_dead_lettered(
 
     router = Router()
     router.on(f"{u}/slow", slow, qos=1, timeout=0.2)
-    router.on(f"{u}/own-timeout", own_timeout, qos=1)
-    router.on(f"{u}/own-timeout-with-limit", own_timeout, qos=1, timeout=30)
+    # A TimeoutError is transient (it holds) unless the route says otherwise; these do, to be dead-lettered.
+    permanent = Retry(permanent=(TimeoutError,))
+    router.on(f"{u}/own-timeout", own_timeout, qos=1, retry=permanent)
+    router.on(f"{u}/own-timeout-with-limit", own_timeout, qos=1, timeout=30, retry=permanent)
     router.on(f"{u}/guarded", guarded, qos=1, middleware=[Explode()])
     runtime = await serve(broker, router)
     probe = await probe_factory(broker)

@@ -146,7 +146,7 @@ async def test_poison_entry_lands_in_dlq_after_retries_and_others_go_on(
         # Per route: 49 handled, 1 dead-lettered; `failed` counts failed attempts (3 for the poison entry).
         assert (route_stats.handled, route_stats.failed, route_stats.dead_lettered) == (49, 3, 1)
         counters = runtime.stats.snapshot()["streams"][stream]
-        assert counters == {"handled": 49, "failed": 3, "retried": 2, "dead_lettered": 1, "reclaimed": 0}
+        assert counters == {"handled": 49, "failed": 3, "retried": 2, "dead_lettered": 1, "reclaimed": 0, "held": 0}
         [(_, entry)] = redis_client.xrange(dlq)
         fields = {k.decode(): v for k, v in entry.items()}
         assert fields["error"] == b"ValueError: cannot place order 13"
