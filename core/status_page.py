@@ -154,7 +154,7 @@ def render_fragment(data: dict[str, Any]) -> str:
         f'<p class="totals">received <b data-k="received">{t["received"]}</b> · handled <b data-k="handled">'
         f'{t["handled"]}</b> · failed <b data-k="failed">{t["failed"]}</b> · dead-lettered <b data-k="dead_lettered">'
         f'{t["dead_lettered"]}</b> · unrouted <b data-k="unrouted">{t["unrouted"]}</b> · holding '
-        f'<b data-k="holding" class="{"bad" if t["holding"] else ""}">{t["holding"]}</b></p>'
+        f'<b data-k="holding" class="{"bad" if t.get("holding") else ""}">{t.get("holding", 0)}</b></p>'
     )
     parts.append(render_charts(data))
     parts.append("<h2>Processes</h2><table id=\"processes\"><thead><tr><th>id</th><th>pid</th><th>state</th>"
