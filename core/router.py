@@ -189,6 +189,7 @@ class Route:
                 self.pattern, self.handler, module, qos=self.qos, shared=self.shared, worker_count=self.worker_count,
                 middleware=self.middleware, payload_format=self.payload_format, timeout=self.timeout,
                 stream=self.stream, name=self.name or None, options=self.options, subscribe=self.subscribe,
+                retry=self.retry,
             )
             for f in fields(self):
                 setattr(self, f.name, getattr(built, f.name))

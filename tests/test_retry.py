@@ -248,6 +248,12 @@ def test_bad_retry_options_fail_at_registration_naming_the_route(options: dict[s
     assert "orders/{n}" in str(info.value)
 
 
+def test_a_route_built_by_hand_keeps_its_policy() -> None:
+    from core.router import Route
+
+    assert Route("x/{n}", lambda n: None, retry=Retry(retries=2)).retry == Retry(retries=2)
+
+
 def test_included_and_decorated_routes_keep_their_policy() -> None:
     inner = Router()
 
