@@ -5,7 +5,7 @@ stream writer and consumers (`core.streams`) and the outbox. Transient errors ar
 retried with backoff, never dead-lettered:
 
 - the network: connection refused, reset or aborted, broken pipe, timeouts, name resolution;
-- SQLAlchemy: `OperationalError`, `InterfaceError`, `DisconnectionError`, and any `DBAPIError`
+- SQLAlchemy: `OperationalError`, `InterfaceError`, `DisconnectionError`, a pool `TimeoutError`, and any `DBAPIError`
   whose connection was invalidated (except SQLite errors other than "locked"/"busy": a local
   file is never "down", so "no such table" is a bug, not an outage);
 - asyncpg connection errors (class 08, "cannot connect now", server shutdown, too many
@@ -96,7 +96,7 @@ def _sqlalchemy_transient(exc: BaseException) -> bool | None:
     sa_exc = _loaded("sqlalchemy.exc")
     if sa_exc is None or not isinstance(exc, sa_exc.SQLAlchemyError):
         return None
-    if isinstance(exc, sa_exc.DisconnectionError):
+    if isinstance(exc, (sa_exc.DisconnectionError, sa_exc.TimeoutError)):  # TimeoutError: no pooled connection came free
         return True
     if not isinstance(exc, sa_exc.DBAPIError):
         return False
@@ -106,7 +106,15 @@ def _sqlalchemy_transient(exc: BaseException) -> bool | None:
         return "locked" in text or "busy" in text
     if exc.connection_invalidated or isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
         return True
-    return orig is not None and orig is not exc and _driver_transient(orig)
+    # SQLAlchemy's async adapters wrap the driver's exception in their own `Error` (raised `from` it).
+    cause: BaseException | None = orig
+    for _ in range(3):
+        if cause is None or cause is exc:
+            return False
+        if _driver_transient(cause):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def _driver_transient(exc: BaseException) -> bool:

@@ -20,6 +20,15 @@ def _sa(cls_name: str, orig: BaseException, invalidated: bool = False) -> BaseEx
     return getattr(sa_exc, cls_name)("SELECT 1", {}, orig, connection_invalidated=invalidated)
 
 
+def _wrapped(driver_error: BaseException) -> BaseException:
+    """As SQLAlchemy's asyncpg adapter raises it: its own `Error` raised from the driver's, wrapped in a DBAPIError."""
+    import sqlalchemy.exc as sa_exc
+
+    adapter_error = Exception(str(driver_error))
+    adapter_error.__cause__ = driver_error
+    return sa_exc.DBAPIError("connect", {}, adapter_error)
+
+
 def transient_errors() -> list[BaseException]:
     import asyncpg.exceptions as pg
     import pymysql.err as my
@@ -33,9 +42,11 @@ def transient_errors() -> list[BaseException]:
         _sa("OperationalError", Exception("server closed the connection unexpectedly")),
         _sa("InterfaceError", Exception("connection is closed")),
         sa_exc.DisconnectionError("pool pre-ping failed"),
+        sa_exc.TimeoutError("QueuePool limit of size 5 overflow 10 reached, connection timed out"),
         _sa("DBAPIError", Exception("connection was closed in the middle of operation"), invalidated=True),
         _sa("OperationalError", sqlite3.OperationalError("database is locked")),
         pg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        _wrapped(pg.ConnectionDoesNotExistError("connection was closed in the middle of operation")),
         pg.CannotConnectNowError("the database system is starting up"), pg.TooManyConnectionsError("too many"),
         pg.AdminShutdownError("terminating connection due to administrator command"),
         my.OperationalError(2003, "Can't connect to MySQL server"), my.OperationalError(2013, "Lost connection"),
@@ -56,6 +67,7 @@ def permanent_errors() -> list[BaseException]:
         _sa("IntegrityError", Exception("duplicate key value violates unique constraint")),
         _sa("ProgrammingError", Exception('relation "orders" does not exist')),
         _sa("DBAPIError", Exception("invalid input syntax for type integer")),
+        _wrapped(ValueError("invalid input for query argument $1")),
         _sa("OperationalError", sqlite3.OperationalError("no such table: orders")),  # a bug, not an outage
         sa_exc.NoResultFound("No row was found"),
         my.OperationalError(1054, "Unknown column"),
