@@ -115,6 +115,7 @@ class MqttClient:
         self._clean_start = settings.mqtt_clean_start if clean_start is None else clean_start
         # A reconnect should find the session of the previous connection (unless clean start or no expiry).
         self._keeps_session = not self._clean_start and (self._session_expiry > 0 or not self.v5)
+        self.expect_session = False  # set before start(): a session of an earlier process with this id should exist
         self._name = name
         self._reconnect = reconnect
         # The orphan notice (core/orphans.py): this client's will, cleared by its own connects.
@@ -444,7 +445,7 @@ class MqttClient:
         self.state.connected = True
         self._guard.connected()
         _disable_nagle(client.socket())
-        had_session = self._keeps_session and self.state.connects > 0
+        had_session = self._keeps_session and (self.state.connects > 0 or self.expect_session)
         self.state.connects += 1
         self.state.session_present = bool(flags.session_present)
         if self.v5 and properties is not None:
@@ -453,8 +454,8 @@ class MqttClient:
         if had_session and not self.state.session_present:
             self.state.sessions_lost += 1
             log.warning(
-                "%s: reconnected to %s:%s as %r, but the broker dropped the session (restarted without saving it, or "
-                "it expired): the messages queued in it for this client are lost; subscribing again",
+                "%s: connected to %s:%s as %r, but the broker dropped the session this client had (restarted without "
+                "saving it, or it expired): the messages queued in it for this client are lost; subscribing again",
                 self._name, self.settings.broker_host, self.settings.broker_port, self.client_id,
             )
         else:

@@ -52,6 +52,7 @@ class WorkerSpec:
     overrides: dict[str, Any] = field(default_factory=dict)  # settings that differ from the environment
     test_mode: bool = False
     wait_for_go: bool = False  # a recycling successor loads the app, then waits for "go" to connect
+    expect_session: bool = False  # an earlier process of this slot had a session: finding none is a loss
 
     @property
     def worker_id(self) -> str:
@@ -196,6 +197,7 @@ async def _serve(spec: WorkerSpec, conn: Connection, early: list[int]) -> int:
     # filter an older, wider run of this id had subscribed are then handled, not dead-lettered,
     # until the unsubscribe below reaches the broker.
     runtime = app.make_runtime(shared, client_id=client_id, worker_id=spec.worker_id)
+    runtime.client.expect_session = spec.expect_session
     stale = serve_only(runtime, mine, group)
 
     from core.events import FeedCursor

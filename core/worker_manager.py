@@ -167,6 +167,7 @@ class WorkerSlot:
     restart_timer: asyncio.TimerHandle | None = None
     final_clean: bool = True
     logged_totals: dict[str, int] = field(default_factory=dict)
+    had_session: bool = False  # a process of this slot connected (its replacement should find the session)
 
     @property
     def worker_id(self) -> str:
@@ -413,7 +414,8 @@ class Supervisor:
 
     def _spawn(self, slot: WorkerSlot, *, wait_for_go: bool) -> WorkerProcess:
         parent, child = self._ctx.Pipe(duplex=True)
-        spec = WorkerSpec(slot.index, self.plan.all_routes, self._overrides, self.test_mode, wait_for_go)
+        spec = WorkerSpec(slot.index, self.plan.all_routes, self._overrides, self.test_mode, wait_for_go,
+                          expect_session=slot.had_session)
         process = self._ctx.Process(target=worker_main, args=(spec, child), name=f"worker-{slot.worker_id}")
         process.start()
         child.close()
@@ -463,6 +465,7 @@ class Supervisor:
             proc.ready = True
             proc.connected = True
             proc.session_present = bool(message.get("session_present"))
+            slot.had_session = True
             if slot.state == STARTING:
                 slot.state = RUNNING
             log.info("worker %s (pid %d) subscribed to %d filter(s) (%s session)", slot.worker_id, proc.pid,

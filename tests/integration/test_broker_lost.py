@@ -23,7 +23,7 @@ from tests.support.ops import wait_until_sync
 
 pytestmark = pytest.mark.timeout(180)
 
-LOST = "the broker dropped the session"
+LOST = "the broker dropped the session this client had"
 
 
 def sessions_lost(url: str) -> float:
@@ -81,4 +81,28 @@ def test_a_stopped_worker_shows_a_late_heartbeat(mosquitto_factory: Callable[...
     wait_until_sync(lambda: not _worker(url)["heartbeat_late"], "the heartbeat back on time")
     assert _worker(url)["pid"] == pid  # not killed: WORKER_HEARTBEAT_TIMEOUT was not reached
     assert "heartbeat late" not in http_get(url + "/")[1]
+    assert app.stop() == 0
+
+
+def test_a_restarted_worker_that_finds_no_session_warns(mosquitto_factory: Callable[..., Any], app_factory: Any,  # noqa: F811
+                                                        unique_id: str) -> None:
+    """The worker had a session; while the broker was down it was killed and restarted by the supervisor,
+    and the broker came back without the session: the new worker process expected it, so it warns."""
+    broker = mosquitto_factory(persistence=True)
+    app, url = app_factory(broker, "--workers", "1", MQTT_SESSION_EXPIRY="300", MQTT_CLIENT_ID=f"{unique_id}-app")
+    wait_until_sync(lambda: ready(url), f"/ready\n{app.output}", 60)
+    assert LOST not in app.output
+    pid = _worker(url)["pid"]
+    os.kill(pid, signal.SIGKILL)  # replaced with the same client id: its session is found
+    wait_until_sync(lambda: _worker(url)["pid"] not in (pid, None) and ready(url), "the replacement worker ready")
+    assert LOST not in app.output, app.output
+
+    broker.kill()  # nothing saved
+    pid = _worker(url)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_until_sync(lambda: _worker(url)["pid"] not in (pid, None), "another replacement started")
+    broker.start()
+    wait_until_sync(lambda: re.search(r"WARNING +\[w0\] .*" + LOST, app.output), "the new worker's warning")
+    wait_until_sync(lambda: metric(scrape(url), "mqtt_app_mqtt_sessions_lost_total", worker="w0") == 1,
+                    "mqtt_app_mqtt_sessions_lost_total{worker=w0} == 1")
     assert app.stop() == 0

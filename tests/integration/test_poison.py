@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 import pytest
 
-from tests.integration.conftest import BrokerTarget, ProbeFn
+from core.router import Router
+from tests.integration.conftest import BrokerTarget, ProbeFn, ServeFn
 from tests.support.rt_app import AppProcess, base_env
 from tests.support.rt_wait import wait_until
 
@@ -62,3 +63,27 @@ async def test_multi_line_handler_error_is_dead_lettered_without_dropping_the_co
         assert "connection to" not in app.output() and "disconnected from broker" not in app.output(), app.output()
     finally:
         app.cleanup()
+
+
+async def test_a_request_whose_response_topic_has_a_wildcard_does_not_wedge_the_session(
+        mosquitto_factory: Callable[..., Any], serve: ServeFn, probe_factory: ProbeFn, unique_id: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Mosquitto accepts `replies/+` as a request's response topic but drops a client that publishes to
+    it: the handler's result is not sent (logged), the request is acknowledged, the next one is served."""
+    u = unique_id
+    server = mosquitto_factory()
+    target = BrokerTarget("mosquitto", server.host, server.port, v5=True)
+    router = Router()
+    router.on(f"{u}/ask/{{n}}", lambda n: {"answer": n}, qos=1)
+    runtime = await serve(target, router)
+    probe = await probe_factory(target)
+    await probe.subscribe(f"{u}/replies/#")
+    await probe.publish(f"{u}/ask/1", "q", response_topic=f"{u}/replies/+")
+    await probe.publish(f"{u}/ask/2", "q", response_topic=f"{u}/replies/2")
+    [reply] = await probe.wait_count(f"{u}/replies/", 1)
+    assert reply.topic == f"{u}/replies/2" and reply.json() == {"answer": "2"}
+    assert runtime.client.state.disconnects == 0
+    assert runtime.stats.handled == 2
+    assert any("could not publish the response" in r.getMessage() and "wildcard" in r.getMessage()
+               for r in caplog.records)
+    assert "Malformed" not in server.log_text() and "protocol error" not in server.log_text().lower()
