@@ -404,6 +404,8 @@ class StreamConsumer:
         self._to_ack: list[Any] = []
         self._inflight: set[Any] = set()
         self._retries: set[asyncio.Task[None]] = set()
+        self._retry_ids: set[Any] = set()  # entries waiting in _retry_later
+        self._recover = False  # after a Redis failure: read back our own pending entries first
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._group_ready = False
@@ -442,18 +444,21 @@ class StreamConsumer:
             try:
                 if not self._group_ready:
                     await self._ensure_group()
-                await self._flush_acks()
+                if self._recover:
+                    await self._recover_own_pending()
+                    self._recover = False
                 if time.monotonic() >= self._next_claim:
+                    await self._flush_acks()  # not to reclaim what we handled already
                     self._next_claim = time.monotonic() + self.claim_every
                     await self._reclaim()
-                response: Any = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=self.batch,
-                                                       block=BLOCK_MS)
+                response: Any = await self._ack_and_read()
                 if self.down:
                     log.warning("stream %r: Redis is reachable again; consuming", self.stream)
                     self.down = False
                 failures = 0
                 for _stream, entries in response or ():
-                    await self._handle_batch([(entry_id, fields, 1) for entry_id, fields in entries])
+                    # Acknowledged with the next read (one round trip), or by stop().
+                    await self._handle_batch([(entry_id, fields, 1) for entry_id, fields in entries], flush=False)
             except Exception as exc:
                 from redis.exceptions import ResponseError
 
@@ -463,6 +468,7 @@ class StreamConsumer:
                         log.warning("stream %r: %s (%s: %s); retrying with backoff", self.stream, what,
                                     type(exc).__name__, exc)
                     self.down = True
+                    self._recover = True
                     await asyncio.sleep(_reconnect_delay(failures))
                     failures += 1
                 elif isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
@@ -482,7 +488,42 @@ class StreamConsumer:
                 raise
         self._group_ready = True
 
-    async def _handle_batch(self, batch: list[tuple[Any, Any, int]]) -> None:
+    async def _recover_own_pending(self) -> None:
+        """Handle entries Redis delivered to this consumer but whose reply was lost with the connection.
+
+        A blocking XREADGROUP can be served just before the connection breaks (e.g. Redis shutting
+        down): the entries are then pending for us although we never saw them. Reading our own
+        history (id 0 instead of ">") finds them now rather than after STREAM_CLAIM_IDLE_MS.
+        """
+        await self._flush_acks()  # not to read back what was handled already
+        start: Any = "0"
+        while True:
+            response: Any = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: start}, count=self.batch)
+            entries = [entry for _stream, found in response or () for entry in found]
+            if not entries:
+                return
+            start = entries[-1][0]
+            batch = [(entry_id, fields, 1) for entry_id, fields in entries if fields and entry_id not in self._retry_ids]
+            if batch:
+                await self._handle_batch(batch)
+
+    async def _ack_and_read(self) -> Any:
+        """XACK what was handled and XREADGROUP the next batch, in one pipeline (one round trip)."""
+        read = {self.stream: ">"}
+        if not self._to_ack:
+            return await self.redis.xreadgroup(self.group, self.consumer, read, count=self.batch, block=BLOCK_MS)
+        ids, self._to_ack = self._to_ack, []
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(self.stream, self.group, *ids)
+        pipe.xreadgroup(self.group, self.consumer, read, count=self.batch, block=BLOCK_MS)
+        try:
+            _, response = await pipe.execute()
+        except BaseException:
+            self._to_ack[:0] = ids  # acknowledged by the next flush, after Redis is back
+            raise
+        return response
+
+    async def _handle_batch(self, batch: list[tuple[Any, Any, int]], *, flush: bool = True) -> None:
         # The entries run concurrently, each as if in a task of its own, but only those that wait get
         # one (core.intake): most handlers finish straight through.
         left = len(batch)
@@ -502,7 +543,8 @@ class StreamConsumer:
         except asyncio.CancelledError:
             await intake.cancel()
             raise
-        await self._flush_acks()
+        if flush:
+            await self._flush_acks()
 
     async def _handle_entry(self, entry: tuple[Any, Any, int], _: Any) -> None:
         try:
@@ -625,6 +667,7 @@ class StreamConsumer:
             log.error("stream %r: could not publish the response to %r: %s", self.stream, context.response_topic, exc)
 
     def _retry_later(self, entry_id: Any, fields: Any, attempt: int, delay: float, *, counted: bool) -> None:
+        self._retry_ids.add(entry_id)
         task = asyncio.get_running_loop().create_task(self._retry(entry_id, fields, attempt, delay, counted))
         self._retries.add(task)
         task.add_done_callback(self._retries.discard)
@@ -644,6 +687,7 @@ class StreamConsumer:
                     raise
                 await asyncio.sleep(_reconnect_delay(failures))
                 failures += 1
+        self._retry_ids.discard(entry_id)  # before handling: a failure schedules the next retry
         self.counters.retried += 1
         if counted:
             batch = [(claimed_id, claimed_fields, attempt + 1) for claimed_id, claimed_fields in claimed if claimed_fields]
