@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import Any, Awaitable, Callable
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,7 +38,6 @@ from core.router import Router  # noqa: E402
 from core.runtime import Runtime  # noqa: E402
 from tests.support.servers import MosquittoServer  # noqa: E402
 
-HANDLERS = ("trivial", "awaits 1 ms")
 
 
 def queue_backlog(broker: MosquittoServer, prefix: str, count: int, topics: int, timeout: float = 120) -> None:
@@ -70,29 +70,45 @@ def queue_backlog(broker: MosquittoServer, prefix: str, count: int, topics: int,
         client.loop_stop()
 
 
-async def _serve(broker: MosquittoServer, client_id: str, prefix: str, ordered: bool, kind: str,
-                 count: int | None) -> float:
+Handler = Callable[[Callable[[], None]], Callable[..., Awaitable[None]]]  # given `done()`, the route's handler
+
+
+def trivial_handler(done: Callable[[], None]) -> Callable[..., Awaitable[None]]:
+    async def handle(device_id: str, payload: object) -> None:
+        done()
+
+    return handle
+
+
+def waiting_handler(done: Callable[[], None]) -> Callable[..., Awaitable[None]]:
+    async def handle(device_id: str, payload: object) -> None:
+        await asyncio.sleep(0.001)
+        done()
+
+    return handle
+
+
+HANDLERS: dict[str, Handler] = {"trivial": trivial_handler, "awaits 1 ms": waiting_handler}
+
+
+async def _serve(broker: MosquittoServer, client_id: str, prefix: str, handler: Handler, count: int | None,
+                 route_options: dict[str, Any], env: dict[str, str]) -> float:
     """Register (count None) or drain `count` messages; the drain's msgs/s."""
     settings = load_settings({
         "MQTT_BROKER": broker.host, "MQTT_PORT": str(broker.port), "MQTT_CLIENT_ID": client_id,
-        "MQTT_SESSION_EXPIRY": "300", "MAX_INFLIGHT": "100", "LOG_LEVEL": "warning",
+        "MQTT_SESSION_EXPIRY": "300", "MAX_INFLIGHT": "100", "LOG_LEVEL": "warning", **env,
     })
     handled = 0
     finished = asyncio.Event()
 
-    async def trivial(device_id: str, payload: object) -> None:
+    def done() -> None:
         nonlocal handled
         handled += 1
         if handled == count:
             finished.set()
 
-    async def waits(device_id: str, payload: object) -> None:
-        await asyncio.sleep(0.001)
-        await trivial(device_id, payload)
-
     router = Router()
-    router.on(f"{prefix}/devices/{{device_id}}/status", trivial if kind == "trivial" else waits, qos=1,
-              ordered=ordered)
+    router.on(f"{prefix}/devices/{{device_id}}/status", handler(done), qos=1, **route_options)
     runtime = Runtime(settings, router.routes, client_id=client_id)
     started = time.perf_counter()
     await runtime.start()
@@ -107,20 +123,28 @@ async def _serve(broker: MosquittoServer, client_id: str, prefix: str, ordered: 
         await runtime.stop()
 
 
-def measure(broker: MosquittoServer, ordered: bool, kind: str, count: int, topics: int) -> float:
+def drain_rate(broker: MosquittoServer, handler: Handler, count: int, topics: int, *,
+               route_options: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> float:
+    """msgs/s of a runtime draining `count` queued QoS 1 messages over `topics` topics."""
     tag = uuid.uuid4().hex[:8]
-    client_id, prefix = f"bench-ord-{tag}", f"bench/{tag}"
-    asyncio.run(_serve(broker, client_id, prefix, ordered, kind, None))
+    client_id, prefix = f"bench-{tag}", f"bench/{tag}"
+    options, settings = route_options or {}, env or {}
+    asyncio.run(_serve(broker, client_id, prefix, handler, None, options, settings))
     queue_backlog(broker, prefix, count, topics)
-    return asyncio.run(_serve(broker, client_id, prefix, ordered, kind, count))
+    return asyncio.run(_serve(broker, client_id, prefix, handler, count, options, settings))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def drain_arguments(doc: str | None, argv: list[str] | None) -> argparse.Namespace:
+    """--count, --topics, --repeat of a drain benchmark."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
     parser.add_argument("--count", type=int, default=20_000, help="messages per measurement (default 20,000)")
     parser.add_argument("--topics", type=int, default=20, help="distinct topics (default 20)")
     parser.add_argument("--repeat", type=int, default=5, help="runs; medians are shown (default 5)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = drain_arguments(__doc__, argv)
     load = os.getloadavg()[0]
     broker = MosquittoServer(max_inflight=100, max_queued=0)
     broker.start()
@@ -131,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             for kind in HANDLERS:
                 modes = (False, True) if run % 2 == 0 else (True, False)
                 for ordered in modes:
-                    rate = measure(broker, ordered, kind, args.count, args.topics)
+                    rate = drain_rate(broker, HANDLERS[kind], args.count, args.topics,
+                                      route_options={"ordered": ordered})
                     results.setdefault((kind, ordered), []).append(rate)
                     line.append(f"{kind} {'ordered' if ordered else 'unordered'} {rate:,.0f}/s")
             print(f"run {run + 1}: " + ", ".join(line), file=sys.stderr)

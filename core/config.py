@@ -79,6 +79,17 @@ def _check_range(name: str, raw: str, value: float, minimum: float | None, maxim
         raise ConfigError(f"{name}={raw!r} must be at most {maximum}")
 
 
+def parse_tracing(name: str, raw: str) -> str:
+    value = parse_choice(name, raw, ("off", "w3c", "otel"))
+    if value == "otel":
+        import importlib.util
+
+        if importlib.util.find_spec("opentelemetry") is None:
+            raise ConfigError(f"{name}=otel needs the opentelemetry-api package (pip install opentelemetry-api, and "
+                              "an SDK with an exporter to send the spans somewhere); or use TRACING=w3c")
+    return value
+
+
 def parse_choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
     value = raw.strip().lower()
     if value not in choices:
@@ -161,6 +172,8 @@ class Settings:
     # Logging.
     log_level: str = "INFO"
     log_format: str = "text"
+    # Trace context (core/tracing.py, docs/tracing.md): off, w3c (propagate traceparent) or otel (also spans).
+    tracing: str = "w3c"
     # Operations (core/http.py): /health, /ready, /metrics and the status page. Off when HTTP_PORT is unset.
     http_port: int | None = None
     http_host: str = "127.0.0.1"
@@ -291,6 +304,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         profile_explicit=profile_explicit,
         log_level=log_level,
         log_format=_get(env, "LOG_FORMAT", d.log_format, lambda n, r: parse_choice(n, r, ("text", "json"))),
+        tracing=_get(env, "TRACING", d.tracing, parse_tracing),
         http_port=_get(env, "HTTP_PORT", d.http_port, lambda n, r: parse_int(n, r, minimum=0, maximum=65535)),
         http_host=_get(env, "HTTP_HOST", d.http_host, text),
         http_check_timeout=_get(env, "HTTP_CHECK_TIMEOUT", d.http_check_timeout, pos_float),

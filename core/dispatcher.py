@@ -15,6 +15,7 @@ import base64
 import logging
 import time
 from concurrent.futures import Executor
+from contextvars import copy_context
 from functools import partial
 from typing import Any, Awaitable, Callable, Collection
 
@@ -31,6 +32,10 @@ from core.payload import PayloadError, decode_payload
 from core.retry import Retry, RouteGuard
 from core.router import Route, RouteTable
 from core.stats import ProcessStats
+from core.tracing import begin as begin_trace
+from core.tracing import current as current_trace
+from core.tracing import end as end_trace
+from core.tracing import otel_bridge
 from core.wire import sanitize
 
 log = logging.getLogger("core.dispatcher")
@@ -92,6 +97,7 @@ class Dispatcher:
         self.last_message_at = 0.0
         self._is_dead_letter_topic = dead_letter_matcher(settings.dead_letter_topic)
         self._errors = ErrorLog(log, settings.error_log_interval)
+        self._tracing = settings.tracing != "off"
         self._endpoints: dict[int, _Endpoint] = {}
         self._by_sub_id: list[_Endpoint | None] = [None]
         for route in table.routes:
@@ -113,8 +119,11 @@ class Dispatcher:
             # middleware and handler run in the stream's consumers.
             from core.streams import bridge_call
 
-            return bridge_call(route, self.services)
-        return build_chain(route.middleware, self._make_handler_call(route))
+            chain = bridge_call(route, self.services)
+        else:
+            chain = build_chain(route.middleware, self._make_handler_call(route))
+        otel = otel_bridge()
+        return chain if otel is None else otel.traced_chain(chain, route.pattern, current_trace)
 
     def _make_handler_call(self, route: Route) -> CallNext:
         return handler_call(route, self._executor)
@@ -182,6 +191,8 @@ class Dispatcher:
             topic = ""
         raw: bytes = message.payload
         turn = None
+        # What this message's routes publish continues its trace (core.tracing); reset below.
+        trace_token = begin_trace(message.properties) if self._tracing else None
         try:
             targets = self._resolve(topic, topic.split("/"), message) if topic else []
             if self.sequencer is not None and any(endpoint.ordered for endpoint, _ in targets):
@@ -206,6 +217,8 @@ class Dispatcher:
         finally:
             if turn is not None:
                 turn.release()
+            if trace_token is not None:
+                end_trace(trace_token)
         if ticket is not None:
             self.acks.complete(ticket)
 
@@ -392,7 +405,9 @@ def handler_call(route: Route, executor: Executor | None) -> CallNext:
         return call_async
 
     def call_sync(context: MessageContext) -> Awaitable[Any]:
-        return asyncio.get_running_loop().run_in_executor(executor, partial(fn, **arguments(context)))
+        # In this message's context (its trace, the app's contextvars): an executor does not copy it.
+        return asyncio.get_running_loop().run_in_executor(executor, partial(copy_context().run, fn,
+                                                                            **arguments(context)))
 
     return call_sync
 

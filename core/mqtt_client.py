@@ -41,6 +41,8 @@ from core.mqtt_properties import install as install_fast_properties
 from core.orphans import DISCONNECT_WITH_WILL, notice_payload, notice_topic, notices_enabled
 from core.payload import encode_payload
 from core.poison_guard import PoisonGuard
+from core.tracing import Finish
+from core.tracing import outgoing as outgoing_trace
 from core.wire import check_topic_name, publish_properties
 
 log = logging.getLogger("core.mqtt")
@@ -610,18 +612,32 @@ class MqttClient:
 
         A topic or property the broker would refuse raises `core.wire.WireError` here: nothing is sent.
         """
-        check_topic_name(topic)
-        data = encode_payload(payload)
-        props = publish_properties(properties) if properties and self.v5 else None
-        loop = self._loop
-        assert loop is not None, "start() first"
-        fut: asyncio.Future[None] = loop.create_future()
-        self._publish_waiters += qos > 0
+        finish = None
+        if self.v5:  # inside a handler run: the message's trace context goes along (core.tracing)
+            properties, finish = outgoing_trace(properties, topic)
+        await self._publish(topic, payload, qos, retain, properties, finish)
+
+    async def _publish(self, topic: str, payload: Any, qos: int, retain: bool, properties: dict[str, Any] | None,
+                       finish: Finish | None) -> None:
         try:
-            self._submit(partial(self._publish_now, fut, topic, data, qos, retain, props))
-            await fut
-        finally:
-            self._publish_waiters -= qos > 0
+            check_topic_name(topic)
+            data = encode_payload(payload)
+            props = publish_properties(properties) if properties and self.v5 else None
+            loop = self._loop
+            assert loop is not None, "start() first"
+            fut: asyncio.Future[None] = loop.create_future()
+            self._publish_waiters += qos > 0
+            try:
+                self._submit(partial(self._publish_now, fut, topic, data, qos, retain, props))
+                await fut
+            finally:
+                self._publish_waiters -= qos > 0
+        except BaseException as exc:
+            if finish is not None:
+                finish(exc)  # the PRODUCER span (TRACING=otel) ends with the publish
+            raise
+        if finish is not None:
+            finish(None)
 
     def publish_sync(
         self,
@@ -638,7 +654,11 @@ class MqttClient:
         assert loop is not None, "start() first"
         if threading.get_ident() == self._loop_thread_id:
             raise RuntimeError("publish_sync() would block the event loop; use `await client.publish(...)` here")
-        asyncio.run_coroutine_threadsafe(self.publish(topic, payload, qos, retain, properties=properties), loop).result(timeout)
+        finish = None
+        if self.v5:  # the handler's trace lives in this thread's context, not in the loop's
+            properties, finish = outgoing_trace(properties, topic)
+        asyncio.run_coroutine_threadsafe(self._publish(topic, payload, qos, retain, properties, finish),
+                                         loop).result(timeout)
 
     def _publish_now(self, fut: asyncio.Future[None], topic: str, data: bytes, qos: int, retain: bool,
                      props: Properties | None) -> None:

@@ -49,6 +49,7 @@ from core.database import Base, Database, DatabaseError, safe_url
 from core.error_log import ErrorLog
 from core.payload import encode_payload
 from core.streams import is_transient, is_unreachable
+from core.tracing import TRACEPARENT, outgoing_now, outgoing_pairs
 from core.wire import check_topic_name, publish_properties
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ class UnitOfWork:
         if qos not in (0, 1, 2):
             raise ValueError(f"tx.publish: qos must be 0, 1 or 2, not {qos!r}")
         headers: dict[str, Any] = {"qos": qos, "retain": bool(retain)}
+        properties = outgoing_now(properties, topic)  # the handler's trace, stored with the row
         if properties:
             publish_properties(properties)  # refused now, in the handler, rather than at every publish attempt
             headers["properties"] = _json_safe_properties(properties)
@@ -154,7 +156,10 @@ class UnitOfWork:
             raise RuntimeError(f"tx.publish_stream({stream!r}) needs Redis: set ENABLE_REDIS=true (and REDIS_URL)")
         if not isinstance(stream, str) or not stream:
             raise ValueError(f"tx.publish_stream: {stream!r} is not a stream name")
-        self._add(STREAM, stream, payload, {"fields": {str(k): str(v) for k, v in (fields or {}).items()}})
+        row_fields = {str(k): str(v) for k, v in (fields or {}).items()}
+        if TRACEPARENT not in row_fields:  # the handler's trace, as fields the stream's consumer reads
+            row_fields.update(outgoing_pairs(None, stream))
+        self._add(STREAM, stream, payload, {"fields": row_fields})
         return _QUEUED
 
     def _add(self, kind: str, destination: str, payload: Any, headers: dict[str, Any]) -> None:

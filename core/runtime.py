@@ -17,6 +17,7 @@ from core.dispatcher import Dispatcher
 from core.mqtt_client import MqttClient, Subscription
 from core.router import Route, RouteTable
 from core.stats import ProcessStats
+from core.tracing import configure as configure_tracing
 
 log = logging.getLogger("core.runtime")
 
@@ -48,6 +49,7 @@ class Runtime:
         self.worker_id = worker_id
         self.client_id = client_id or settings.mqtt_client_id
         self.table = RouteTable(routes)
+        configure_tracing(settings.tracing, self.client_id)  # before the dispatcher builds its chains
         self.stats = ProcessStats()
         self.hooks: list[RuntimeHook] = list(hooks)
         self.subscriptions = [

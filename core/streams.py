@@ -45,6 +45,10 @@ from core.payload import PayloadError, decode_payload
 from core.retry import DEAD_LETTER, TRANSIENT, Retry, stream_retry
 from core.router import Route, RouteError
 from core.stats import ProcessStats
+from core.tracing import begin as begin_trace
+from core.tracing import current as current_trace
+from core.tracing import end as end_trace
+from core.tracing import TRACEPARENT, TRACESTATE, otel_bridge, outgoing_pairs
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -95,10 +99,17 @@ def _reconnect_delay(failures: int) -> float:
 # -- the entry format ---------------------------------------------------------------------------
 
 
-def encode_entry(pattern: str, context: MessageContext) -> dict[str, Any]:
-    """The stream fields of one MQTT message: topic, params, payload, headers, route."""
+def encode_entry(pattern: str, context: MessageContext, stream: str = "") -> dict[str, Any]:
+    """The stream fields of one MQTT message: topic, params, payload, headers, route.
+
+    The user properties are copied, with the trace headers of the current run (`core.tracing`) in
+    place of the received ones, so the stream's handler continues the trace.
+    """
     headers: dict[str, Any] = {"qos": context.qos, "retain": context.retain}
     props = context.properties
+    user = outgoing_pairs(getattr(props, "UserProperty", None) if props is not None else None, stream)
+    if user:
+        headers["user_properties"] = [list(pair) for pair in user]
     if props is not None:
         response_topic = getattr(props, "ResponseTopic", None)
         if response_topic:
@@ -106,9 +117,6 @@ def encode_entry(pattern: str, context: MessageContext) -> dict[str, Any]:
         correlation = getattr(props, "CorrelationData", None)
         if correlation is not None:
             headers["correlation_data"] = base64.b64encode(correlation).decode("ascii")
-        user = getattr(props, "UserProperty", None)
-        if user:
-            headers["user_properties"] = [list(pair) for pair in user]
         content_type = getattr(props, "ContentType", None)
         if content_type:
             headers["content_type"] = content_type
@@ -172,7 +180,9 @@ def decode_entry(stream: str, fields: dict[Any, Any]) -> StreamMessage:
         raw = raw if isinstance(raw, bytes) else str(raw).encode()
     else:
         raw = json.dumps({k: _text(v) for k, v in data.items()}).encode()
-    return StreamMessage(stream, {}, raw, 0, False, None, None)
+    # `traceparent`/`tracestate` fields (the outbox's `tx.publish_stream` writes them) continue the trace.
+    trace = [[key, _text(data[key])] for key in (TRACEPARENT, TRACESTATE) if key in data]
+    return StreamMessage(stream, {}, raw, 0, False, StreamProperties({"user_properties": trace}) if trace else None, None)
 
 
 @dataclass(frozen=True)
@@ -331,12 +341,18 @@ def bridge_call(route: Route, services: Services) -> CallNext:
         if writer is None:
             raise RuntimeError(f"{route.describe()} appends to the Redis stream {stream!r}, but this process has no "
                                "Redis connection: set ENABLE_REDIS=true")
-        await writer.append(stream, encode_entry(pattern, context))  # type: ignore[arg-type]
+        await writer.append(stream, encode_entry(pattern, context, stream))  # type: ignore[arg-type]
 
     return append
 
 
 # -- stream side: consuming ---------------------------------------------------------------------
+
+
+def _consumer_chain(route: Route, executor: Executor, otel: Any) -> CallNext:
+    """Middleware and handler of a route, as an inline route runs them (in a CONSUMER span with TRACING=otel)."""
+    chain = build_chain(route.middleware, handler_call(route, executor))
+    return chain if otel is None else otel.traced_chain(chain, route.pattern, current_trace)
 
 
 class _Endpoint:
@@ -391,15 +407,16 @@ class StreamConsumer:
         self.claim_every = min(15.0, max(0.2, self.claim_idle_ms / 4000))
         self.shutdown_timeout = settings.shutdown_timeout
         self.counters = ConsumerCounters()
+        otel = otel_bridge()
         self._endpoints = {
-            route.pattern: _Endpoint(route, build_chain(route.middleware, handler_call(route, executor)), stats, stream,
-                                     route.retry or default)
+            route.pattern: _Endpoint(route, _consumer_chain(route, executor, otel), stats, stream, route.retry or default)
             for route in routes
         }
         # Deliveries after which a reclaimed entry is dead-lettered unhandled (its handlers died or hung).
         self.max_deliveries = max(e.policy.retries for e in self._endpoints.values()) + 1
         self._held = 0  # transient failures in a row (backoff of their uncounted retries)
         self._errors = ErrorLog(log, settings.error_log_interval)
+        self._tracing = settings.tracing != "off"
         self._routes = list(routes)
         self._to_ack: list[Any] = []
         self._inflight: set[Any] = set()
@@ -580,10 +597,14 @@ class StreamConsumer:
         if entry_id in self._inflight:
             return  # reclaimed while we are still on it
         self._inflight.add(entry_id)
+        # What the handler publishes continues the entry's trace (set from its headers once decoded).
+        trace_token = begin_trace(None) if self._tracing else None
         try:
             await self._handle_once(entry_id, fields, attempt)
         finally:
             self._inflight.discard(entry_id)
+            if trace_token is not None:
+                end_trace(trace_token)
 
     async def _handle_once(self, entry_id: Any, fields: dict[Any, Any], attempt: int) -> None:
         endpoint: _Endpoint | None = None
@@ -602,6 +623,9 @@ class StreamConsumer:
             message.topic, message.params, payload, message.raw, message.qos, message.retain, attempt > 1,
             message.properties, endpoint.route, self.services,
         )
+        trace = current_trace()
+        if trace is not None:
+            trace.properties = message.properties
         context.state["stream"] = StreamDelivery(self.stream, _text(entry_id), attempt)
         started = time.perf_counter()
         deadline: asyncio.Timeout | None = None

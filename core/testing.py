@@ -60,6 +60,7 @@ from core.middleware import CallNext, build_chain
 from core.payload import PayloadError, decode_payload, encode_payload
 from core.router import Route, Router, RouteTable
 from core.stats import ProcessStats
+from core.tracing import outgoing_now as outgoing_trace
 from core.wire import check_topic_name, publish_properties
 
 if TYPE_CHECKING:
@@ -244,6 +245,8 @@ class _MemoryPublisher:
 
     async def publish(self, topic: str, payload: Any = None, qos: int = 0, retain: bool = False, *,
                       properties: dict[str, Any] | None = None) -> None:
+        if self._client.settings.mqtt_v5:  # as MqttClient: a handler's publishes carry its trace context
+            properties = outgoing_trace(properties, topic)
         self._client._publish_from_app(topic, encode_payload(payload), qos, retain, dict(properties or {}))
 
     def publish_sync(self, topic: str, payload: Any = None, qos: int = 0, retain: bool = False, *,
@@ -252,6 +255,8 @@ class _MemoryPublisher:
         assert loop is not None
         if threading.get_ident() == self._client._loop_thread:
             raise RuntimeError("publish_sync() would block the event loop; use `await client.publish(...)` here")
+        if self._client.settings.mqtt_v5:  # the handler's trace lives in this thread's context
+            properties = outgoing_trace(properties, topic)
         coro = self.publish(topic, payload, qos, retain, properties=properties)
         asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
