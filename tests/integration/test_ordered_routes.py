@@ -120,3 +120,35 @@ async def test_ordered_route_keeps_no_state_for_topics_no_longer_in_flight(
     # While running: state only for topics with a message in flight, so bounded by MAX_INFLIGHT, not by 3000.
     assert over <= 0 and 0 < largest <= 50
     assert len(asyncio.all_tasks()) <= tasks_before  # no task left over per topic
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_a_retried_message_keeps_the_later_ones_of_its_topic_waiting(
+        ordered: bool, mosquitto: Any, serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
+    target = BrokerTarget("mosquitto", mosquitto.host, mosquitto.port, v5=True)
+    attempts: dict[int, int] = defaultdict(int)
+    finished: list[int] = []
+    runtime: Any = None
+
+    def second_is_in() -> bool:
+        """Message 2 started (unordered) or waits behind message 1 (ordered)."""
+        sequencer = runtime.dispatcher.sequencer
+        return attempts[2] > 0 or (sequencer is not None and sequencer.waiting() > 0)
+
+    async def handle(payload: Any) -> None:
+        seq = int(payload["seq"])
+        attempts[seq] += 1
+        if seq == 1 and attempts[seq] == 1:
+            await wait_until(second_is_in, "the second message started or waiting for its turn")
+            raise RuntimeError("first attempt fails")
+        finished.append(seq)
+
+    router = Router()
+    router.on(f"{unique_id}/dev/{{device_id}}", handle, qos=1, ordered=ordered, retries=2, retry_backoff=0)
+    runtime = await serve(target, router)
+    probe = await probe_factory(target)
+    for seq in (1, 2):
+        await probe.publish(f"{unique_id}/dev/d1", {"seq": seq})
+    await wait_until(lambda: len(finished) == 2, "both messages handled")
+    assert attempts == {1: 2, 2: 1}
+    assert finished == ([1, 2] if ordered else [2, 1])
