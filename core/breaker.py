@@ -83,18 +83,30 @@ class CircuitBreaker:
         """Backoff before retry number `failures` (0-based) of one caller while the breaker is closed."""
         return backoff_delay(failures, self.min_delay, self.max_delay, self._rand) * self.scale
 
+    def try_admit(self) -> bool:
+        """`admit()` without waiting: True while closed, or if the caller becomes the half-open probe."""
+        if self.state == CLOSED:
+            return True
+        if self.state == OPEN and self._clock() >= self._retry_at:
+            self.state = HALF_OPEN
+            return True
+        return False
+
+    def probe_now(self) -> None:
+        """An open breaker lets its next caller probe at once (the caller knows the wait is over)."""
+        if self.state == OPEN:
+            self._retry_at = self._clock()
+            self._notify()
+
     async def admit(self) -> None:
         """Return when the caller may call: at once while closed; otherwise as the half-open probe or after
         a probe closed the breaker. Raises BreakerStopped once `stop()` was called."""
         while True:
             if self._stopped:
                 raise BreakerStopped()
-            if self.state == CLOSED:
+            if self.try_admit():
                 return
             now = self._clock()
-            if self.state == OPEN and now >= self._retry_at:
-                self.state = HALF_OPEN
-                return
             if self._changed is None:
                 self._changed = asyncio.Event()
             changed = self._changed

@@ -43,6 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.backoff import backoff_delay
+from core.breaker import CircuitBreaker
 from core.config import Settings
 from core.context import MessageContext
 from core.database import Base, Database, DatabaseError, safe_url
@@ -278,9 +279,9 @@ class OutboxProcessor:
         self._stopping = False
         self._next_cleanup = 0.0
         self._token: str | None = None  # the claim being published
-        self._redis_down = False  # Redis unreachable: stream rows stay unclaimed until a PING answers
+        # Open while Redis is unreachable: stream rows stay unclaimed until a PING (the half-open probe) answers.
+        self.redis_breaker = CircuitBreaker(1, REDIS_PROBE_MIN, REDIS_PROBE_MAX)
         self._redis_failures = 0  # consecutive rounds Redis could not take stream rows (backoff)
-        self._next_probe = 0.0
         self._errors = ErrorLog(log, settings.error_log_interval)
 
     # -- lifecycle --
@@ -335,25 +336,24 @@ class OutboxProcessor:
         if state is None or state.connected:
             kinds.append(MQTT)  # while the broker is away, MQTT rows wait unclaimed (no attempt is spent)
         redis = self.redis_getter()
-        if redis is not None and (not self._redis_down or await self._redis_back(redis)):
+        if redis is not None and (self.redis_breaker.closed or await self._redis_back(redis)):
             kinds.append(STREAM)  # likewise stream rows while Redis is unreachable
         return kinds
 
     async def _redis_back(self, redis: Any) -> bool:
-        """While Redis is unreachable: PING it (with backoff); True once it answers."""
-        if time.monotonic() < self._next_probe:
+        """While Redis is unreachable: PING it when the breaker allows a probe; True once it answers."""
+        if not self.redis_breaker.try_admit():
             return False
         try:
             await asyncio.wait_for(redis.ping(), 2.0)
         except asyncio.CancelledError:
+            self.redis_breaker.record_abandoned()
             raise
         except Exception:  # noqa: BLE001 - any failure means "not yet"
-            self._next_probe = time.monotonic() + backoff_delay(self._redis_failures, REDIS_PROBE_MIN, REDIS_PROBE_MAX,
-                                                                random.random)
-            self._redis_failures += 1
+            self.redis_breaker.record_failure()
             return False
         log.warning("outbox: Redis is reachable again: publishing stream rows")
-        self._redis_down = False
+        self.redis_breaker.record_success()
         return True
 
     async def process_once(self) -> int:
@@ -505,11 +505,9 @@ class OutboxProcessor:
             return
         n_held = sum(1 for outcome in outcomes if isinstance(outcome, _Held))
         if is_unreachable(held):
-            if not self._redis_down:
+            if self.redis_breaker.record_failure():
                 log.warning("outbox: Redis unreachable (%s: %s): holding %d stream row(s) until it is back; "
                             "attempts are not counted", type(held).__name__, held, n_held)
-            self._redis_down = True
-            self._next_probe = time.monotonic() + backoff_delay(0, REDIS_PROBE_MIN, REDIS_PROBE_MAX, random.random)
         elif self._redis_failures == 0:
             log.warning("outbox: Redis cannot take stream rows now (%s: %s): holding %d row(s), retrying with "
                         "backoff; attempts are not counted", type(held).__name__, held, n_held)
@@ -523,7 +521,7 @@ class OutboxProcessor:
         held = []
         # Held rows go back to PENDING with their attempt uncounted; unreachable Redis is waited for by not
         # claiming stream rows at all, other transient replies (OOM, READONLY...) by a growing delay.
-        hold_until = now + timedelta(seconds=0.0 if self._redis_down else backoff_delay(
+        hold_until = now + timedelta(seconds=0.0 if not self.redis_breaker.closed else backoff_delay(
             max(0, self._redis_failures - 1), REDIS_PROBE_MIN, REDIS_PROBE_MAX, random.random))
         for row, outcome in zip(rows, outcomes):
             if outcome is None:

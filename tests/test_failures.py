@@ -175,3 +175,14 @@ def test_error_log_logs_once_per_interval_per_key_and_counts_the_rest(caplog: py
     errors.log(("route", ConnectionResetError), logging.WARNING, "route %r failed", "a", exc=error)
     assert caplog.records[-1].getMessage() == ("route 'a' failed [99 more like this in the last 60 s were not "
                                                "logged]")
+
+
+def test_try_admit_is_admit_without_waiting() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(1, 5.0, 5.0, rand=lambda: 1.0, clock=clock)
+    assert breaker.try_admit()
+    breaker.record_failure()
+    assert not breaker.try_admit()
+    breaker.probe_now()
+    assert breaker.try_admit() and breaker.state == HALF_OPEN
+    assert not breaker.try_admit()  # one probe at a time

@@ -327,13 +327,13 @@ async def test_stream_rows_are_not_claimed_while_redis_is_unreachable(db: Databa
     assert rows["mqtt"].status == PUBLISHED  # MQTT rows of the same batch are not held up
     for _ in range(3):
         await _make_due(db, table)
-        processor._next_probe = 0.0  # probe now rather than after the backoff
+        processor.redis_breaker.probe_now()  # probe now rather than after the backoff
         assert await processor.process_once() == 0
     assert redis.pings == 3
     [row] = [r for r in await _all(db, table) if r.kind == "stream"]
     assert (row.status, row.attempts) == (PENDING, 0)
     redis.up = True
-    processor._next_probe = 0.0
+    processor.redis_breaker.probe_now()
     assert await processor.process_once() == 1
     [row] = [r for r in await _all(db, table) if r.kind == "stream"]
     assert (row.status, row.attempts, row.last_error) == (PUBLISHED, 1, None)
