@@ -42,6 +42,8 @@ def string_problem(text: object) -> str | None:
     """Why `text` cannot be an MQTT string (None if it can)."""
     if not isinstance(text, str):
         return f"must be a str, not {type(text).__name__}"
+    if text.isascii() and text.isprintable() and len(text) <= MAX_STRING_BYTES:
+        return None  # the usual case, ~10x faster than the search below (ASCII's only refused are controls)
     bad = _REFUSED.search(text)
     if bad is not None:
         char = bad.group()

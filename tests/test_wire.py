@@ -99,6 +99,13 @@ def test_sanitize_always_yields_a_valid_string_within_budget(text: str, budget: 
         assert out == text
 
 
+@given(st.one_of(any_text, st.text(st.characters(max_codepoint=127))))
+def test_string_problem_fast_path_agrees_with_the_full_check(text: str) -> None:
+    refused = any(ord(c) <= 0x1F or 0x7F <= ord(c) <= 0x9F or 0xD800 <= ord(c) <= 0xDFFF or 0xFDD0 <= ord(c) <= 0xFDEF
+                  or ord(c) & 0xFFFE == 0xFFFE for c in text)  # Mosquitto's rule, written out per code point
+    assert (string_problem(text) is None) == (not refused)
+
+
 @given(any_text)
 def test_check_topic_name_agrees_with_string_problem(topic: str) -> None:
     try:
