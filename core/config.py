@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
 from core.profiles import PROFILES, apply_profile
+from core.wire import string_problem
 
 T = TypeVar("T")
 
@@ -314,6 +315,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
                                    lambda n, r: parse_duration(n, r, minimum=60)),
         **_streams_and_outbox(env, d),
     )
+    for name in ("APP_NAME", "MQTT_CLIENT_ID", "MQTT_GROUP_NAME", "MQTT_USERNAME", "DEAD_LETTER_TOPIC"):
+        value = getattr(settings, name.lower())
+        problem = None if value is None else string_problem(value)  # the broker would refuse every CONNECT/PUBLISH
+        if problem is not None:
+            raise ConfigError(f"{name}={value!r} {problem}")
     if settings.mqtt_reconnect_max < settings.mqtt_reconnect_min:
         raise ConfigError(
             f"MQTT_RECONNECT_MAX={settings.mqtt_reconnect_max} must not be below MQTT_RECONNECT_MIN={settings.mqtt_reconnect_min}"

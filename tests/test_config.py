@@ -166,3 +166,10 @@ def test_dotenv_file_is_read_and_environment_wins(tmp_path: Path, monkeypatch: p
         assert s.mqtt_keepalive == 44
     finally:
         monkeypatch.delenv("MAX_INFLIGHT", raising=False)  # load_dotenv wrote it into os.environ
+
+
+@pytest.mark.parametrize("name", ["MQTT_CLIENT_ID", "MQTT_GROUP_NAME", "MQTT_USERNAME", "DEAD_LETTER_TOPIC", "APP_NAME"])
+def test_strings_sent_to_the_broker_must_be_valid_mqtt_strings(name: str) -> None:
+    """A control character would make the broker refuse the CONNECT (or drop the connection) every time."""
+    with pytest.raises(ConfigError, match=rf"{name}=.*control character U\+0009"):
+        load_settings({name: "bad\tvalue"})
