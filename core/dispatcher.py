@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, Collection
 
 from core.acks import AckSequencer, AckTicket
 from core.config import Settings
+from core.breaker import CLOSED
 from core.context import MessageContext, Services
 from core.error_log import ErrorLog
 from core.events import record_dead_letter
@@ -51,7 +52,7 @@ _GAVE_UP = object()  # a failed message was dead-lettered
 class _Endpoint:
     """A route ready to run: its middleware chain and options, built once."""
 
-    __slots__ = ("route", "chain", "timeout", "fmt", "pattern", "stats", "ordered", "guard")
+    __slots__ = ("route", "chain", "timeout", "fmt", "pattern", "stats", "ordered", "guard", "breaker")
 
     def __init__(self, route: Route, chain: CallNext, stats: ProcessStats, guard: RouteGuard) -> None:
         self.route = route
@@ -62,6 +63,7 @@ class _Endpoint:
         self.stats = stats.route(route.pattern)
         self.ordered = route.ordered
         self.guard = guard
+        self.breaker = guard.breaker  # read per message: one attribute away
 
 
 class Dispatcher:
@@ -241,9 +243,9 @@ class Dispatcher:
             endpoint.route, self.services,
         )
         started = _perf()
-        guard = endpoint.guard
+        breaker = endpoint.breaker
         deadline: asyncio.Timeout | None = None
-        if not guard.breaker.closed:  # its dependency is down: wait for the breaker's probe instead of calling
+        if breaker.state is not CLOSED:  # its dependency is down: wait for the breaker's probe instead of calling
             result = await self._recover(endpoint, context, None, started, message)
         else:
             try:
@@ -261,8 +263,8 @@ class Dispatcher:
                 result = await self._recover(endpoint, context, exc, started, message)
         if result is _GAVE_UP:
             return
-        if guard.breaker.failures:
-            guard.answered()
+        if breaker.failures:
+            endpoint.guard.answered()
         elapsed = _perf() - started
         route_stats.handled += 1
         route_stats.seconds += elapsed
