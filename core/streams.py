@@ -42,7 +42,7 @@ from core.failures import RouteTimeout, first_line, is_transient, is_unreachable
 from core.intake import Intake
 from core.middleware import CallNext, build_chain
 from core.payload import PayloadError, decode_payload
-from core.retry import DEAD_LETTER, TRANSIENT, Retry, stream_retry
+from core.retry import BREAKER_THRESHOLD, DEAD_LETTER, HOLD_MAX, HOLD_MIN, TRANSIENT, Retry, stream_retry
 from core.router import Route, RouteError
 from core.stats import ProcessStats
 from core.tracing import begin as begin_trace
@@ -415,6 +415,8 @@ class StreamConsumer:
         # Deliveries after which a reclaimed entry is dead-lettered unhandled (its handlers died or hung).
         self.max_deliveries = max(e.policy.retries for e in self._endpoints.values()) + 1
         self._held = 0  # transient failures in a row (backoff of their uncounted retries)
+        # Open while the handlers' dependency is down: no new entries are read; held ones retry as probes.
+        self.breaker = CircuitBreaker(BREAKER_THRESHOLD, HOLD_MIN, HOLD_MAX)
         self._errors = ErrorLog(log, settings.error_log_interval)
         self._tracing = settings.tracing != "off"
         self._routes = list(routes)
@@ -464,6 +466,13 @@ class StreamConsumer:
                 if self._recover:
                     await self._recover_own_pending()
                     self._recover = False
+                probing = not self.breaker.closed
+                if probing and (self._retry_ids or not self.breaker.try_admit()):
+                    # The handlers' dependency is down: take no new entries until a held one's retry succeeds
+                    # (with none held, reading the next batch is the half-open probe).
+                    await self._flush_acks()
+                    await asyncio.sleep(0.2)
+                    continue
                 if time.monotonic() >= self._next_claim:
                     await self._flush_acks()  # not to reclaim what we handled already
                     self._next_claim = time.monotonic() + self.claim_every
@@ -476,9 +485,12 @@ class StreamConsumer:
                 for _stream, entries in response or ():
                     # Acknowledged with the next read (one round trip), or by stop().
                     await self._handle_batch([(entry_id, fields, 1) for entry_id, fields in entries], flush=False)
+                if probing:
+                    self.breaker.record_abandoned()  # the probe read nothing that answered: probe again
             except Exception as exc:
                 from redis.exceptions import ResponseError
 
+                self.breaker.record_abandoned()  # a probe read that failed on Redis answered nothing
                 if is_transient(exc):
                     if not self.down:
                         what = "Redis unreachable" if is_unreachable(exc) else "Redis cannot serve the group now"
@@ -647,13 +659,18 @@ class StreamConsumer:
             if kind == TRANSIENT:
                 # A dependency is down: retried without counting the attempt (it is never dead-lettered for it).
                 self.counters.held += 1
-                delay = _reconnect_delay(self._held)
+                if self.breaker.record_failure():
+                    log.warning("stream %r: %s; reading no new entries until it answers", self.stream,
+                                first_line(exc))
+                delay = self.breaker.delay(self._held)
                 self._held += 1
                 self._errors.log((self.stream, TRANSIENT, type(exc)), logging.WARNING,
                                  "stream %r: entry %s hit a down dependency (%s); retrying in %.3g s", self.stream,
                                  _text(entry_id), first_line(exc), delay, exc=exc)
                 self._retry_later(entry_id, fields, attempt, delay, counted=False)
-            elif kind == DEAD_LETTER or attempt > policy.retries:
+                return
+            self._answered()
+            if kind == DEAD_LETTER or attempt > policy.retries:
                 self._errors.log((self.stream, DEAD_LETTER, type(exc)), logging.ERROR,
                                  "stream %r: entry %s failed (attempt %d): %s; moving it to %r", self.stream,
                                  _text(entry_id), attempt, first_line(exc), self.dlq, exc=exc)
@@ -665,7 +682,7 @@ class StreamConsumer:
                                  _text(entry_id), attempt, policy.retries + 1, first_line(exc), delay)
                 self._retry_later(entry_id, fields, attempt, delay, counted=True)
             return
-        self._held = 0
+        self._answered()
         self._observe(endpoint, time.perf_counter() - started, "ok")
         self.counters.handled += 1
         if result is not None and context.response_topic:
@@ -690,6 +707,12 @@ class StreamConsumer:
         except Exception as exc:
             log.error("stream %r: could not publish the response to %r: %s", self.stream, context.response_topic, exc)
 
+    def _answered(self) -> None:
+        """A handler ran without a transient failure: its dependency answers."""
+        self._held = 0
+        if self.breaker.failures and self.breaker.record_success():
+            log.warning("stream %r: the handlers' dependency answers again; consuming", self.stream)
+
     def _retry_later(self, entry_id: Any, fields: Any, attempt: int, delay: float, *, counted: bool) -> None:
         self._retry_ids.add(entry_id)
         task = asyncio.get_running_loop().create_task(self._retry(entry_id, fields, attempt, delay, counted))
@@ -698,6 +721,7 @@ class StreamConsumer:
 
     async def _retry(self, entry_id: Any, fields: Any, attempt: int, delay: float, counted: bool) -> None:
         await asyncio.sleep(delay)
+        await self.breaker.admit()  # while it is open, one held entry at a time probes the dependency
         failures = 0
         while True:
             try:
@@ -717,7 +741,9 @@ class StreamConsumer:
             batch = [(claimed_id, claimed_fields, attempt + 1) for claimed_id, claimed_fields in claimed if claimed_fields]
         else:
             batch = [(entry_id, fields, attempt)] if claimed else []
-        if batch:
+        if not batch:
+            self.breaker.record_abandoned()  # taken by another consumer: if this was the probe, another one probes
+        else:
             try:
                 await self._handle_batch(batch)
             except Exception as exc:

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+import redis.asyncio
+
+from bootstrap.app import Application
+from core.config import load_settings
 from core.router import Router
+from tests.apps.streams_support.harness import Publisher
 from tests.integration.conftest import BrokerTarget, ProbeFn, ServeFn
+from tests.support.servers import MosquittoServer, RedisServer
 from tests.support.ops import wait_until
 from tests.support.rt_proxy import MqttProxy
 
@@ -60,3 +66,49 @@ async def test_a_retrying_message_lets_other_topics_through_and_its_ack_waits_fo
         assert (stats.retried, stats.dead_lettered, stats.handled) == (2, 1, 0)
     finally:
         await proxy.stop()
+
+
+async def test_a_stream_route_whose_dependency_is_down_holds_its_entries_and_reads_no_more_until_it_answers(
+        mosquitto: MosquittoServer, redis_server: RedisServer, unique_id: str) -> None:
+    """Stream consumers use the same policy and breaker: a handler failing with ConnectionError holds its
+    entries (uncounted retries, never `<stream>:dlq`), and while the breaker is open no new entries are read."""
+    u, stream, count = unique_id, f"jobs-{unique_id}", 200
+    down = True
+    attempted: set[int] = set()
+    handled: list[int] = []
+
+    async def job(n: str) -> None:
+        attempted.add(int(n))
+        if down:
+            raise ConnectionRefusedError(111, "the database is down")
+        handled.append(int(n))
+
+    router = Router()
+    router.on(f"{u}/jobs/{{n}}", job, qos=1, stream=stream, retries=1)
+    settings = load_settings({
+        "MQTT_BROKER": mosquitto.host, "MQTT_PORT": str(mosquitto.port), "MQTT_CLIENT_ID": u,
+        "MQTT_GROUP_NAME": f"g{u}", "ENABLE_REDIS": "true", "REDIS_URL": redis_server.url,
+        "STREAM_BATCH_SIZE": "10", "SHUTDOWN_TIMEOUT": "5",
+    })
+    app = Application.load(settings, router)
+    runtime = app.make_runtime(app.routes)
+    await runtime.start()
+    client = redis.asyncio.Redis(host=redis_server.host, port=redis_server.port)
+    publisher = Publisher(mosquitto.port)
+    try:
+        assert await runtime.wait_ready(20)
+        (consumer,) = [hook for hook in runtime.hooks if hasattr(hook, "consumers")][0].consumers
+        await asyncio.to_thread(publisher.publish, [(f"{u}/jobs/{n}", str(n).encode()) for n in range(count)])
+        await wait_until(lambda: consumer.counters.held >= 13, "held entries probing the dependency", 30)
+        assert await client.xlen(stream) == count  # every message reached the stream meanwhile
+        assert not consumer.breaker.closed
+        assert len(attempted) <= 2 * 10, f"{len(attempted)} entries read while the dependency was down"
+        down = False
+        await wait_until(lambda: len(set(handled)) == count, f"all {count} handled", 60)
+        assert await client.exists(stream + ":dlq") == 0
+        assert consumer.counters.dead_lettered == 0 and consumer.breaker.closed
+    finally:
+        publisher.close()
+        await client.delete(stream, stream + ":dlq")
+        await client.aclose()
+        await runtime.stop()
