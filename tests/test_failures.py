@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import sqlite3
+from typing import Any
 
 import pytest
 
@@ -186,3 +187,42 @@ def test_try_admit_is_admit_without_waiting() -> None:
     breaker.probe_now()
     assert breaker.try_admit() and breaker.state == HALF_OPEN
     assert not breaker.try_admit()  # one probe at a time
+
+
+# -- holding across processes (what --workers shows) ---------------------------------------------------
+
+
+def test_holding_is_summed_over_processes_and_the_most_open_breaker_is_shown() -> None:
+    import os
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from core.metrics import Aggregator, ProcessInfo, SystemSample, render_metrics
+
+    def worker(name: str, pid: int, holding: dict[str, Any], held: int) -> ProcessInfo:
+        stats = {"routes": {"orders/{n}": {"handled": 1, "failed": 0, "dead_lettered": 0, "seconds": 0.1,
+                                           "retried": held, "held": held}},
+                 "holding": holding}
+        return ProcessInfo(name, "worker", pid, "running", True, True, stats=stats)
+
+    class Source:
+        processes = [worker("w0", 10, {"orders/{n}": {"holding": 7, "breaker": "open"}}, 9),
+                     worker("w1", 11, {"orders/{n}": {"holding": 3, "breaker": "half_open"}}, 4)]
+
+        def sample(self) -> SystemSample:
+            return SystemSample("workers", os.getpid(), 1.0, False, None, self.processes)
+
+    source = Source()
+    aggregator = Aggregator(source)
+    body, _ = render_metrics(aggregator)
+    samples = {(s.name, tuple(s.labels.items())): s.value
+               for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+    route = (("route", "orders/{n}"),)
+    assert samples[("mqtt_app_route_messages_holding", route)] == 10
+    assert samples[("mqtt_app_route_circuit_open", route)] == 1
+    assert samples[("mqtt_app_route_messages_held_total", route)] == 13
+    assert samples[("mqtt_app_route_messages_retried_total", route)] == 13
+    # The dependency is back in w0: its route leaves the holding extension; w1 still probes.
+    source.processes[0] = worker("w0", 10, {}, 9)
+    (view,) = [r for r in aggregator.collect().routes if r.pattern == "orders/{n}"]
+    assert (view.holding, view.breaker) == (3, "half_open")
