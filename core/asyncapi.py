@@ -184,6 +184,8 @@ def _receive_operation(route: Route, settings: Settings, channel_id: str, messag
         operation["x-stream"] = route.stream
     if route.timeout is not None:
         operation["x-timeout-seconds"] = route.timeout
+    if route.ordered:
+        operation["x-ordered"] = "per-topic"  # one message of a topic at a time, in arrival order
     return operation
 
 

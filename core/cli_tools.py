@@ -15,19 +15,22 @@ from core.router import Route, RouteError, merge_routers
 def format_route_table(routes: Sequence[Route], settings: Settings) -> str:
     """A plain-text table: pattern, MQTT filter (as subscribed), qos, shared, workers, [stream,] middleware, handler.
 
-    The STREAM column appears when a route uses a Redis stream. A stream consumer (`Router.stream`)
+    The STREAM column appears when a route uses a Redis stream, ORDERED when a route has `ordered=True`
+    (core.ordering). A stream consumer (`Router.stream`)
     subscribes to nothing on MQTT: its SUBSCRIBES TO and QOS are `-`.
     """
     group = settings.mqtt_group_name
     streams = any(r.stream is not None for r in routes)
+    ordered = any(r.ordered for r in routes)
     header = ("PATTERN", "SUBSCRIBES TO", "QOS", "SHARED", "WORKERS", *(("STREAM",) if streams else ()),
-              "MIDDLEWARE", "HANDLER")
+              *(("ORDERED",) if ordered else ()), "MIDDLEWARE", "HANDLER")
     rows = [header]
     for r in routes:
         rows.append((
             r.pattern, r.subscription_topic(group) if r.subscribe else "-", str(r.qos) if r.subscribe else "-",
             "yes" if r.shared else "no", str(r.worker_count) if r.shared else "-",
             *((r.stream or "-",) if streams else ()),
+            *(("yes" if r.ordered else "no",) if ordered else ()),
             ", ".join(type(m).__name__ for m in r.middleware) or "-",
             r.handler.name + ("" if r.handler.is_async else " (sync)"),
         ))

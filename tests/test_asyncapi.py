@@ -145,6 +145,15 @@ def test_a_receive_operation_per_route_with_qos_shared_and_workers() -> None:
     op = operation_for(document, cid)
     assert op["bindings"]["mqtt"]["qos"] == 2 and op["x-shared"] is False and "x-worker-count" not in op
     assert all(message["$ref"].startswith(f"#/channels/{cid}/messages/") for message in op["messages"])
+    assert "x-ordered" not in op
+
+
+def test_an_ordered_route_says_so() -> None:
+    router = Router()
+    router.on("sensors/{sensor_id}/state", reading, qos=1, ordered=True)
+    document = build_document(list(router.routes), settings())
+    cid, _ = channel_of(document, "sensors/{sensor_id}/state")
+    assert operation_for(document, cid)["x-ordered"] == "per-topic"
 
 
 def _payload(document: dict[str, Any], channel_id: str) -> dict[str, Any]:

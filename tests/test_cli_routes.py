@@ -58,6 +58,15 @@ def test_table_without_stream_routes_is_unchanged() -> None:
     assert text.splitlines()[-1] == "1 route(s)"
 
 
+def test_ordered_routes_have_an_ordered_column() -> None:
+    router = Router()
+    router.on("devices/{id}/status", placed, qos=1, ordered=True)
+    router.on("plain/{id}", placed, qos=1)
+    header, rows = _rows(format_route_table(router.routes, load_settings({})))
+    assert header == ["PATTERN", "SUBSCRIBES", "TO", "QOS", "SHARED", "WORKERS", "ORDERED", "MIDDLEWARE", "HANDLER"]
+    assert rows["devices/{id}/status"][5] == "yes" and rows["plain/{id}"][5] == "no"
+
+
 def _routes_command(**env: str) -> subprocess.CompletedProcess[str]:
     """`core.cli_tools.routes_command` (what `python main.py routes` runs) in a fresh interpreter."""
     code = ("import os, sys\nfrom core.config import load_settings\nfrom core.cli_tools import routes_command\n"
