@@ -5,12 +5,10 @@ Mosquitto, Redis and SQLite: tests/integration/test_tracing.py."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from opentelemetry import trace as otel_trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -19,6 +17,7 @@ from core.config import ConfigError, load_settings
 from core.router import Router
 from core.testing import TestClient
 from core.tracing import parse_traceparent, trim_tracestate
+from tests.support.otel import spans  # noqa: F401  (fixture)
 
 TRACE_ID, PARENT_ID = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
@@ -93,24 +92,6 @@ async def test_async_and_plain_handlers_continue_the_trace_and_keep_the_callers_
 
 
 # -- OpenTelemetry ------------------------------------------------------------------------------------
-
-_EXPORTER = InMemorySpanExporter()
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    provider = otel_trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):  # set once per process (OpenTelemetry allows no second one)
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-        otel_trace.set_tracer_provider(provider)
-    _EXPORTER.clear()
-    tracing.configure("otel", "test-client")
-    try:
-        yield _EXPORTER
-    finally:
-        tracing.configure("w3c")
-
 
 async def test_otel_consumer_span_per_handler_run_and_producer_span_per_publish(spans: InMemorySpanExporter) -> None:
     router = Router()

@@ -20,6 +20,7 @@ from bootstrap.app import Application
 from core.config import load_settings
 from core.router import Router
 from core.tracing import parse_traceparent
+from tests.support.otel import spans  # noqa: F401  (fixture)
 from tests.support.rt_probe import Probe
 from tests.support.rt_wait import wait_until
 from tests.support.servers import MosquittoServer, RedisServer
@@ -151,6 +152,37 @@ async def test_tracing_off_adds_nothing(mosquitto: MosquittoServer, unique_id: s
         probe_publish(probe, f"{u}/in/1", {}, [("traceparent", TRACEPARENT)], f"{u}/out/r")
         [message] = await probe.wait_count(f"{u}/out/1", 1)
         assert "traceparent" not in message.user_properties
+    finally:
+        probe.close()
+        await runtime.stop()
+
+
+async def test_otel_spans_of_a_runtime_on_mosquitto(spans: Any, mosquitto: MosquittoServer, unique_id: str) -> None:
+    """TRACING=otel: the dispatcher's CONSUMER span and MqttClient's PRODUCER span, ended after the PUBACK."""
+    u = unique_id
+
+    async def handle(n: str, client: Any) -> None:
+        await client.publish(f"{u}/out/{n}", b"x", qos=1)
+
+    router = Router()
+    router.on(f"{u}/in/{{n}}", handle, qos=1)
+    settings = load_settings({"MQTT_BROKER": mosquitto.host, "MQTT_PORT": str(mosquitto.port),
+                              "MQTT_CLIENT_ID": u, "TRACING": "otel"})
+    runtime, probe = await start(settings, router, mosquitto, u)
+    try:
+        await probe.subscribe(f"{u}/out/#")
+        probe_publish(probe, f"{u}/in/1", {}, [("traceparent", TRACEPARENT), ("tracestate", TRACESTATE)],
+                      f"{u}/replies/1")
+        [message] = await probe.wait_count(f"{u}/out/1", 1)
+        await wait_until(lambda: len(spans.get_finished_spans()) >= 2, "the consumer and producer spans")
+        by_name = {span.name: span for span in spans.get_finished_spans()}
+        consumer, producer = by_name[f"process {u}/in/{{n}}"], by_name[f"publish {u}/out/1"]
+        assert f"{consumer.context.trace_id:032x}" == TRACE_ID and f"{consumer.parent.span_id:016x}" == PARENT_ID
+        assert consumer.attributes["messaging.client.id"] == u
+        assert producer.parent.span_id == consumer.context.span_id
+        assert producer.end_time >= consumer.start_time
+        assert message.user_properties["traceparent"] == f"00-{TRACE_ID}-{producer.context.span_id:016x}-01"
+        assert message.user_properties["tracestate"] == TRACESTATE
     finally:
         probe.close()
         await runtime.stop()
