@@ -22,6 +22,8 @@ from typing import Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import MQTTException, Properties
 
+from core.mqtt_properties import FastProperties
+
 MAX_STRING_BYTES = 65535
 
 # Every code point Mosquitto refuses in a string: controls, surrogates, non-characters.
@@ -81,7 +83,7 @@ def publish_properties(properties: Mapping[str, Any]) -> Properties:
     (bytes, or str encoded as UTF-8), `response_topic`, `content_type`, `message_expiry` (seconds),
     or a paho property name. None values are left out. Raises `WireError` naming the property.
     """
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props = FastProperties(PacketTypes.PUBLISH)  # paho's checks and encoding, several times faster
     for key, value in properties.items():
         if value is None:
             continue
