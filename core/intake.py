@@ -37,8 +37,8 @@ class Intake:
 
     @property
     def waiting(self) -> Collection[Coroutine[Any, Any, None]]:
-        """The coroutines of the messages that are waiting for something."""
-        return self._carriers.values()
+        """The coroutines of the messages that are waiting for something (a snapshot, to look at)."""
+        return set(self._carriers.values())
 
     def put(self, message: Any, ticket: Any) -> None:
         self._queue.append((message, ticket))

@@ -32,7 +32,12 @@ class Tally:
         self.first = 0.0
         self.last = 0.0
         self.latencies: list[float] = []
+        self._writing = False
+        self._again = False
         if out:
+            import psutil  # before any signal can ask for a write (an import must not be interrupted by one)
+
+            self._process = psutil.Process()
             signal.signal(signal.SIGUSR1, lambda signum, frame: self.write())
 
     def record(self, seq: int, sent: float) -> None:
@@ -56,14 +61,22 @@ class Tally:
     def write(self) -> None:
         if not self.out:
             return
-        import psutil  # late: not on the receive path, and not in the idle RSS of the app
-
-        result = {
-            "unique": self.unique, "received": self.received, "first": self.first, "last": self.last,
-            "latencies": self.latencies, "rss": psutil.Process().memory_info().rss,
-            "complete": self.unique == self.expected,
-        }
-        tmp = f"{self.out}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f)
-        os.replace(tmp, self.out)  # the benchmark polls for the file: it must appear complete
+        if self._writing:  # SIGUSR1 during a write: write once more afterwards
+            self._again = True
+            return
+        self._writing = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                result = {
+                    "unique": self.unique, "received": self.received, "first": self.first, "last": self.last,
+                    "latencies": self.latencies, "rss": self._process.memory_info().rss,
+                    "complete": self.unique == self.expected,
+                }
+                tmp = f"{self.out}.{os.getpid()}.tmp"
+                with open(tmp, "w") as f:
+                    json.dump(result, f)
+                os.replace(tmp, self.out)  # the benchmark polls for the file: it must appear complete
+        finally:
+            self._writing = False
