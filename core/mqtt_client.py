@@ -38,6 +38,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from core.backoff import backoff_delay
 from core.config import Settings
 from core.mqtt_properties import install as install_fast_properties
+from core.mqtt_reader import PacketReader
 from core.orphans import DISCONNECT_WITH_WILL, notice_payload, notice_topic, notices_enabled
 from core.payload import encode_payload
 from core.poison_guard import PoisonGuard
@@ -134,6 +135,7 @@ class MqttClient:
         self._pending_unsubacks: dict[int, asyncio.Future[None]] = {}
         self._pending_publishes: dict[int, asyncio.Future[None]] = {}
         self._commands: deque[Callable[[], None]] = deque()
+        self._reader = PacketReader()
         self._acks: deque[tuple[int, int, int]] = deque()  # (mid, qos, generation), written before the commands
         self._commands_wake_pending = False
         self._publish_waiters = 0
@@ -341,6 +343,8 @@ class MqttClient:
         p = self._paho
         wake_r = self._wake_r
         may_read = self._may_read
+        reader = self._reader
+        reader.reset()  # a new connection
         rc = paho.MQTT_ERR_SUCCESS
         while not self._stopping:
             sock = p.socket()
@@ -354,8 +358,9 @@ class MqttClient:
             # does not arrive within the keepalive (a well-behaved broker sends no more messages
             # beyond Receive Maximum meanwhile).
             reading = may_read() or p._ping_t != 0
-            pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted, which select() cannot see
-            timeout = 0.0 if reading and pending is not None and pending() else 1.0
+            # Packets already in our buffer, or (TLS) bytes already decrypted: select() cannot see them.
+            pending = getattr(sock, "pending", None)
+            timeout = 0.0 if reading and (reader.has_packet() or (pending is not None and pending())) else 1.0
             try:
                 readable, writable, _ = select.select([sock, wake_r] if reading else [wake_r],
                                                       [sock] if p.want_write() else [], [], timeout)
@@ -384,21 +389,10 @@ class MqttClient:
         return rc
 
     def _read_batch(self, limit: int = 512) -> int:
-        # paho's loop_read() handles one packet per call when nothing is in flight; its
-        # per-packet reader is used here until the socket has nothing more buffered.
-        p = self._paho
-        may_read = self._may_read
-        for _ in range(limit):
-            if p._sock is None:
-                return paho.MQTT_ERR_NO_CONN
-            rc = p._packet_read()
-            if rc == paho.MQTT_ERR_AGAIN:
-                return paho.MQTT_ERR_SUCCESS
-            if rc > 0:
-                return p._loop_rc_handle(rc)
-            if not may_read() and p._ping_t == 0:
-                break
-        return paho.MQTT_ERR_SUCCESS
+        # One recv() for whatever the socket has, then every complete packet in it (core.mqtt_reader).
+        if self._paho._sock is None:
+            return paho.MQTT_ERR_NO_CONN
+        return self._reader.read(self._paho, self._may_read, limit)
 
     def _sleep_running_commands(self, delay: float) -> None:
         # While disconnected, publishes still queue up in paho (sent after the reconnect).
