@@ -23,6 +23,8 @@ BENCHMARKS: dict[str, tuple[str, str, list[str]]] = {
     "routing": ("Route matching", "bench.bench_routing", ["--runs", "1", "--repeat", "5"]),
     "workers": ("Worker scaling", "bench.bench_workers",
                 ["--count", "1000", "--live-count", "300", "--repeat", "1"]),
+    "fleet": ("Fleet: pods going away", "bench.bench_fleet",
+              ["--repeat", "1", "--grace", "2", "--tail", "6", "--count", "600", "--rate", "100"]),
 }
 
 

@@ -45,6 +45,7 @@ MAX_CONCURRENT_ADOPTIONS = 4
 STARTUP_RECHECK = (1.0, 3.0)  # seconds between the first two sweeps (random within)
 SWEEP_JITTER = 2.0  # seconds (random up to) before re-checking what a sweep found: replicas sweep too
 SWEEP_TIMEOUT = 10.0
+ADOPTED_KEPT = 50  # outcomes of the latest adoptions kept for the live view
 
 
 def sweep_interval(grace: float) -> float:
@@ -69,7 +70,7 @@ class OrphanWatch:
         self._stopping = False
         self._stopped: asyncio.Event | None = None
         self._client: MqttClient | None = None
-        self.adopted: dict[str, dict[str, Any]] = {}  # client id -> last outcome: state, handled, seconds
+        self.adopted: dict[str, dict[str, Any]] = {}  # client id -> latest outcome: state, handled, seconds, at
 
     @property
     def enabled(self) -> bool:
@@ -164,7 +165,10 @@ class OrphanWatch:
                               "holds messages", client_id)
                 return
             seconds = time.monotonic() - started
-            self.adopted[client_id] = {**info, "seconds": round(seconds, 3)}
+            self.adopted.pop(client_id, None)
+            self.adopted[client_id] = {**info, "seconds": round(seconds, 3), "at": time.time()}
+            while len(self.adopted) > ADOPTED_KEPT:
+                self.adopted.pop(next(iter(self.adopted)))
             state = info.get("state")
             if state == "ended":
                 log.info("adopted the session of %s: handled %d parked message(s) in %.1f s and ended it",

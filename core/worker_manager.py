@@ -304,6 +304,7 @@ class Supervisor:
                 "stats": {**main.stats.snapshot(), "inflight": main.dispatcher.inflight},
             },
             "parked": {client_id: dict(info) for client_id, info in self._parked.info.items()},
+            "adopted": {client_id: dict(info) for client_id, info in self._orphans.adopted.items()},
             "autoscale": None if self._autoscaler is None else self._autoscaler.snapshot(len(self.slots)),
             "departed": self._departed,
             "fatal": self._fatal,
