@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -191,6 +192,7 @@ class Run:
                 pod.proc.kill()
         self.broker.stop()
         self.broker.cleanup()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def pod_goes_away(args: argparse.Namespace, kill: bool) -> Outcome:

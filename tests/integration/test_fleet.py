@@ -286,3 +286,73 @@ def retained_notices(port: int) -> dict[str, bytes]:
         client.disconnect()
         client.loop_stop()
     return found
+
+
+async def test_two_adopters_of_one_session_only_the_last_ends_it_after_handling_everything(
+        mosquitto_factory: Callable[..., MosquittoServer]) -> None:
+    """A second adopter takes the session over mid-drain: the first gives up without ending it
+    (no reconnect), the second handles what is left behind its own marker and ends it."""
+    import asyncio
+    from collections import Counter
+
+    from bootstrap.app import Application
+    from core.config import load_settings
+    from core.router import Router
+    from core.worker_manager import ParkedSessions
+    from tests.integration.test_workers import session_present
+    from tests.support.rt_wait import wait_until
+
+    server = mosquitto_factory(max_queued=100_000)
+    orphan = "gone-w0"
+    # The orphan: a worker session subscribed to the group, then gone; 400 messages parked in it.
+    assert _persistent_subscription(server.port, orphan, "$share/workers/seq/in")
+    publisher = Publisher(server.port)
+    publisher.publish(range(400))
+    publisher.close()
+
+    handled: Counter[int] = Counter()
+
+    async def handle(payload: str) -> None:
+        await asyncio.sleep(0.05)
+        handled[int(payload)] += 1
+
+    router = Router()
+    router.on("seq/in", handle, qos=1, shared=True, payload_format="text")
+
+    def adopter(name: str) -> ParkedSessions:
+        settings = load_settings({"MQTT_BROKER": "127.0.0.1", "MQTT_PORT": str(server.port), "MQTT_CLIENT_ID": name,
+                                  "MAX_INFLIGHT": "10", "MQTT_ORPHAN_GRACE": "2", "SHUTDOWN_TIMEOUT": "5"})
+        return ParkedSessions(Application.load(settings, router), first=0)
+
+    first = asyncio.create_task(adopter("adopter-1").adopt(orphan))
+    await wait_until(lambda: sum(handled.values()) >= 50, "the first adopter to handle some parked messages")
+    second = await adopter("adopter-2").adopt(orphan)
+    first_outcome = await first
+    print(f"two adopters: 400 parked, {400 - len(handled)} lost, {sum(handled.values()) - len(handled)} duplicates")
+    assert first_outcome["state"] == "lost", first_outcome
+    assert second["state"] == "ended", second
+    assert set(handled) == set(range(400))
+    assert not session_present(server.port, orphan)
+
+
+def _persistent_subscription(port: int, client_id: str, topic: str) -> bool:
+    """Connect as `client_id` with a persistent session, subscribe to `topic`, go away (session kept)."""
+    import threading
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    subscribed = threading.Event()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    client.on_subscribe = lambda *args: subscribed.set()
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 300
+    client.connect("127.0.0.1", port, clean_start=True, properties=props)
+    client.loop_start()
+    client.subscribe(topic, qos=1)
+    ok = subscribed.wait(10)
+    client.disconnect()
+    client.loop_stop()
+    return ok
