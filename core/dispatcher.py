@@ -25,7 +25,7 @@ from core.breaker import CLOSED
 from core.context import MessageContext, Services
 from core.error_log import ErrorLog
 from core.events import record_dead_letter
-from core.failures import DeadLetter, RouteTimeout, first_line  # DeadLetter: also imported from here
+from core.failures import DeadLetter, RouteTimeout, call_with_timeout, first_line  # DeadLetter: also imported from here
 from core.intake import Intake
 from core.middleware import CallNext, build_chain
 from core.ordering import TopicSequencer
@@ -244,7 +244,6 @@ class Dispatcher:
         )
         started = _perf()
         breaker = endpoint.breaker
-        deadline: asyncio.Timeout | None = None
         if breaker.state is not CLOSED:  # its dependency is down: wait for the breaker's probe instead of calling
             result = await self._recover(endpoint, context, None, started, message)
         else:
@@ -252,14 +251,10 @@ class Dispatcher:
                 if endpoint.timeout is None:
                     result = await endpoint.chain(context)
                 else:
-                    async with asyncio.timeout(endpoint.timeout) as deadline:
-                        result = await endpoint.chain(context)
+                    result = await call_with_timeout(endpoint.chain, context, endpoint.timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # Only the route's deadline is a "Timeout"; a TimeoutError the handler raised itself is its error.
-                if deadline is not None and deadline.expired():
-                    exc = RouteTimeout(f"handler exceeded timeout={endpoint.timeout} s")
                 result = await self._recover(endpoint, context, exc, started, message)
         if result is _GAVE_UP:
             return
@@ -300,14 +295,7 @@ class Dispatcher:
         """One more run of the route's chain (a retry), with the route's timeout."""
         if endpoint.timeout is None:
             return await endpoint.chain(context)
-        deadline: asyncio.Timeout | None = None
-        try:
-            async with asyncio.timeout(endpoint.timeout) as deadline:
-                return await endpoint.chain(context)
-        except TimeoutError:
-            if deadline is not None and deadline.expired():
-                raise RouteTimeout(f"handler exceeded timeout={endpoint.timeout} s") from None
-            raise
+        return await call_with_timeout(endpoint.chain, context, endpoint.timeout)
 
     def holding(self) -> dict[str, dict[str, Any]]:
         """`stats.extensions["holding"]`: per route whose dependency is down, messages held and breaker state."""

@@ -19,10 +19,11 @@ when they are not used.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 import sys
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 # Error replies meaning "this server cannot take writes right now", whatever the command: a replica
 # during failover (READONLY), maxmemory with noeviction (OOM), a long script (BUSY), loading the
@@ -47,6 +48,22 @@ class DeadLetter(Exception):
 
 class RouteTimeout(Exception):
     """A handler ran past its route's `timeout=` (dead-lettered as error type `Timeout`; not transient)."""
+
+
+async def call_with_timeout(chain: Callable[[Any], Awaitable[Any]], context: Any, timeout: float) -> Any:
+    """`await chain(context)`, cancelled after `timeout` seconds with RouteTimeout.
+
+    Only the route's deadline becomes a RouteTimeout; a TimeoutError the handler raised itself (a
+    database or HTTP client timing out) stays a TimeoutError, which is transient.
+    """
+    deadline: asyncio.Timeout | None = None
+    try:
+        async with asyncio.timeout(timeout) as deadline:
+            return await chain(context)
+    except TimeoutError:
+        if deadline is not None and deadline.expired():
+            raise RouteTimeout(f"handler exceeded timeout={timeout} s") from None
+        raise
 
 
 _NETWORK: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, socket.gaierror)

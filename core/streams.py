@@ -38,7 +38,7 @@ from core.config import Settings
 from core.context import MessageContext, Services
 from core.dispatcher import handler_call  # the handler is called as on an inline route
 from core.error_log import ErrorLog
-from core.failures import RouteTimeout, first_line, is_transient, is_unreachable
+from core.failures import call_with_timeout, first_line, is_transient, is_unreachable
 from core.intake import Intake
 from core.middleware import CallNext, build_chain
 from core.payload import PayloadError, decode_payload
@@ -640,18 +640,14 @@ class StreamConsumer:
             trace.properties = message.properties
         context.state["stream"] = StreamDelivery(self.stream, _text(entry_id), attempt)
         started = time.perf_counter()
-        deadline: asyncio.Timeout | None = None
         try:
             if endpoint.timeout is None:
                 result = await endpoint.chain(context)
             else:
-                async with asyncio.timeout(endpoint.timeout) as deadline:
-                    result = await endpoint.chain(context)
+                result = await call_with_timeout(endpoint.chain, context, endpoint.timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if deadline is not None and deadline.expired():  # the route's timeout, not the dependency's
-                exc = RouteTimeout(f"handler exceeded timeout={endpoint.timeout} s")
             self._observe(endpoint, time.perf_counter() - started, "error")
             self.counters.failed += 1
             policy = endpoint.policy

@@ -55,7 +55,7 @@ from paho.mqtt.properties import Properties
 from core.config import Settings, load_settings
 from core.context import MessageContext, Services
 from core.dispatcher import Dispatcher
-from core.failures import RouteTimeout
+from core.failures import call_with_timeout
 from core.middleware import CallNext, build_chain
 from core.payload import PayloadError, decode_payload, encode_payload
 from core.router import Route, Router, RouteTable
@@ -312,14 +312,7 @@ class _MemoryStreams:
         chain = self._chain(route)
         if route.timeout is None:
             return await chain(context)
-        deadline: asyncio.Timeout | None = None
-        try:
-            async with asyncio.timeout(route.timeout) as deadline:
-                return await chain(context)
-        except TimeoutError:
-            if deadline is not None and deadline.expired():  # the route's timeout: a permanent failure
-                raise RouteTimeout(f"handler exceeded timeout={route.timeout} s") from None
-            raise
+        return await call_with_timeout(chain, context, route.timeout)
 
     async def _consume(self, entry: StreamEntry) -> None:
         from core.streams import StreamDelivery, decode_entry
