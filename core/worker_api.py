@@ -75,8 +75,7 @@ class WorkerManager:
         """Start the worker processes and return: `num_workers`, or as `python main.py --workers` would
         (WORKER_COUNT, else the largest `worker_count`, else one per CPU core); WORKER_AUTO_SCALE applies."""
         from bootstrap.app import Application
-        from core.autoscale import ScalePolicy
-        from core.worker_manager import Supervisor, autoscale_plan, available_cpus, plan_workers
+        from core.worker_manager import Supervisor, supervisor_plan
 
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError(f"the workers of group {self.group_name!r} are already running")
@@ -88,9 +87,7 @@ class WorkerManager:
         only_shared = Router()
         only_shared.routes.extend(shared)
         app = Application.load(self.settings, router=only_shared)
-        plan = plan_workers(shared, num_workers or self.settings.worker_count, available_cpus())
-        if self.settings.worker_auto_scale:
-            plan = autoscale_plan(plan, ScalePolicy.from_settings(self.settings, available_cpus()))
+        plan = supervisor_plan(shared, num_workers or self.settings.worker_count, self.settings)
         self._claim()
         self.supervisor = Supervisor(app, plan, handle_signals=False)
         started = threading.Event()

@@ -1080,6 +1080,18 @@ def _settings_overrides(settings: Settings, env: Mapping[str, str] | None = None
     return {name: getattr(settings, name) for name in SETTING_NAMES if getattr(settings, name) != getattr(from_env, name)}
 
 
+def supervisor_plan(shared: Sequence["Route"], workers: int | None, settings: Settings) -> WorkerPlan:
+    """The plan `--workers [N]` runs, WORKER_AUTO_SCALE applied; RouteError naming an `ordered=True` route it
+    would spread over several workers (core.ordering)."""
+    plan = plan_workers(shared, workers, available_cpus())
+    most = None
+    if settings.worker_auto_scale and plan.count:
+        policy = ScalePolicy.from_settings(settings, available_cpus())
+        plan, most = autoscale_plan(plan, policy), policy.max_count
+    check_ordered_routes(shared, ordered_route_processes(plan, most))
+    return plan
+
+
 def run_supervisor(
     app: "Application",
     workers: int | None = None,
@@ -1091,14 +1103,9 @@ def run_supervisor(
 
     `env_file` was already loaded into the environment, which the workers inherit.
     """
-    plan = plan_workers(app.shared_routes(), workers, available_cpus())
+    plan = supervisor_plan(app.shared_routes(), workers, app.settings)
     if plan.count == 0:
         log.warning("no route has shared=True, so there is nothing for worker processes to do; "
                     "serving the plain routes in this process")
-    most = None
-    if app.settings.worker_auto_scale and plan.count:
-        policy = ScalePolicy.from_settings(app.settings, available_cpus())
-        plan, most = autoscale_plan(plan, policy), policy.max_count
-    check_ordered_routes(app.shared_routes(), ordered_route_processes(plan, most))  # RouteError naming the route
     manager = Supervisor(app, plan, test_mode=test_mode, services=services)
     return asyncio.run(manager.run())

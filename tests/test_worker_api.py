@@ -81,3 +81,12 @@ def test_two_running_managers_cannot_share_a_client_id_or_an_embedded_broker() -
             WorkerManager(group_name="b", router_directory=PACKAGE, settings=embedded)._claim()
     finally:
         _running.clear()
+
+
+def test_an_ordered_shared_route_over_several_workers_is_refused_before_any_process_starts() -> None:
+    from core.router import RouteError
+
+    manager = WorkerManager(group_name="g", router_directory="tests.apps.ordered_app", settings=SETTINGS)
+    with pytest.raises(RouteError, match="'ordered/{device_id}/status'.*ordered=True but would run in 2 worker"):
+        manager.start_workers(num_workers=2)
+    assert not manager.running
