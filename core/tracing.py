@@ -145,7 +145,8 @@ def outgoing(properties: dict[str, Any] | None, topic: str) -> tuple[dict[str, A
     trace = _current.get()
     if trace is None:
         return properties, None
-    user = properties.get("user_properties") if properties else None
+    key = "UserProperty" if properties and "UserProperty" in properties else "user_properties"  # paho's name too
+    user = properties.get(key) if properties else None
     if user and has_traceparent(user):
         return properties, None
     otel = _otel
@@ -154,7 +155,7 @@ def outgoing(properties: dict[str, Any] | None, topic: str) -> tuple[dict[str, A
     else:
         headers, finish = trace.headers(), None
     pairs = list(user.items()) if isinstance(user, Mapping) else list(user or ())
-    return {**(properties or {}), "user_properties": pairs + headers}, finish
+    return {**(properties or {}), key: pairs + headers}, finish
 
 
 def outgoing_now(properties: dict[str, Any] | None, topic: str) -> dict[str, Any] | None:

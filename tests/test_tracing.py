@@ -50,6 +50,18 @@ def test_outside_a_handler_run_nothing_is_added() -> None:
     assert tracing.outgoing({"user_properties": {"a": "1"}}, "t") == ({"user_properties": {"a": "1"}}, None)
 
 
+@pytest.mark.parametrize("key", ["user_properties", "UserProperty"])
+def test_headers_join_the_user_properties_under_either_name(key: str) -> None:
+    token = tracing.begin(None)
+    try:
+        out, _ = tracing.outgoing({key: [("a", "1")]}, "t")
+        assert list(out) == [key] and [k for k, _ in out[key]] == ["a", "traceparent"]
+        own = {key: {"traceparent": TRACEPARENT}}
+        assert tracing.outgoing(own, "t") == (own, None)  # the caller's own is kept, nothing added
+    finally:
+        tracing.end(token)
+
+
 def test_tracing_otel_is_a_checked_setting() -> None:
     assert load_settings({}).tracing == "w3c"
     assert load_settings({"TRACING": "OTEL"}).tracing == "otel"
