@@ -22,7 +22,6 @@ import asyncio
 import os
 import statistics
 import sys
-import threading
 import time
 import uuid
 from typing import Any, Awaitable, Callable
@@ -30,9 +29,7 @@ from typing import Any, Awaitable, Callable
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import paho.mqtt.client as mqtt  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
-
+from bench.raw_clients import publish_backlog  # noqa: E402
 from core.config import load_settings  # noqa: E402
 from core.router import Router  # noqa: E402
 from core.runtime import Runtime  # noqa: E402
@@ -40,34 +37,9 @@ from tests.support.servers import MosquittoServer  # noqa: E402
 
 
 
-def queue_backlog(broker: MosquittoServer, prefix: str, count: int, topics: int, timeout: float = 120) -> None:
+def queue_backlog(broker: MosquittoServer, prefix: str, count: int, topics: int) -> None:
     """Publish `count` QoS 1 messages over `topics` topics, interleaved; return once all are acknowledged."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    client.max_inflight_messages_set(1000)
-    client.max_queued_messages_set(0)
-    acked = 0
-    done, connected = threading.Event(), threading.Event()
-
-    def on_publish(*_: object) -> None:
-        nonlocal acked
-        acked += 1
-        if acked == count:
-            done.set()
-
-    client.on_publish = on_publish
-    client.on_connect = lambda *_: connected.set()
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    try:
-        if not connected.wait(30):
-            raise RuntimeError("publisher: no CONNACK")
-        for seq in range(count):
-            client.publish(f"{prefix}/devices/d{seq % topics}/status", f'{{"seq": {seq}}}', 1)
-        if not done.wait(timeout):
-            raise RuntimeError(f"backlog: only {acked} of {count} acknowledged in {timeout} s")
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    publish_backlog(broker, lambda seq: f"{prefix}/devices/d{seq % topics}/status", count)
 
 
 Handler = Callable[[Callable[[], None]], Callable[..., Awaitable[None]]]  # given `done()`, the route's handler

@@ -324,13 +324,15 @@ def _connect_and_wait(client: mqtt.Client, host: str, port: int, timeout: float 
 
 
 def publish_backlog(
-    broker: Broker, topic: str, n: int, *, qos: int = 1,
+    broker: Broker, topic: str | Callable[[int], str], n: int, *, qos: int = 1,
     payload_size: int = DEFAULT_PAYLOAD_SIZE, window: int = 1000, timeout: float = 120,
 ) -> float:
     """Publish ``n`` messages as fast as the broker acknowledges them; return msgs/s.
 
+    ``topic`` may be a function of the sequence number (messages spread over several topics).
     With QoS 1 each PUBACK means the message sits in every subscribed session.
     """
+    topic_of = topic if callable(topic) else (lambda seq: topic)
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
     client.max_inflight_messages_set(window)
     client.max_queued_messages_set(0)
@@ -348,7 +350,7 @@ def publish_backlog(
     start = time.perf_counter()
     try:
         for seq in range(n):
-            client.publish(topic, make_payload(seq, payload_size), qos)
+            client.publish(topic_of(seq), make_payload(seq, payload_size), qos)
         if n and not all_acked.wait(timeout):
             raise RuntimeError(f"backlog: only {acked} of {n} messages acknowledged in {timeout}s")
         return n / (time.perf_counter() - start)

@@ -94,3 +94,11 @@ def test_bench_ordering_prints_both_handlers() -> None:
     out = run_bench("bench.bench_ordering", "--count", "200", "--topics", "5", "--repeat", "1")
     rows = {r[0]: r[1:] for r in table_rows(out)}
     assert set(rows) == {"handler", "trivial", "awaits 1 ms"}, out
+
+
+@pytest.mark.integration
+@needs_mosquitto
+def test_bench_tracing_prints_costs_and_both_handlers() -> None:
+    out = run_bench("bench.bench_tracing", "--count", "200", "--topics", "5", "--repeat", "1")
+    rows = {r[0]: r[1:] for r in table_rows(out)}
+    assert {"per message (no publish)", "trivial", "publishes one QoS 0 message"} <= set(rows), out

@@ -136,8 +136,8 @@ def probe_publish(probe: Probe, topic: str, payload: Any, user: list[tuple[str, 
     probe.paho.publish(topic, json.dumps(payload), 1, properties=props)
 
 
-async def test_tracing_off_adds_nothing(mosquitto: MosquittoServer, unique_id: str) -> None:
-    u = unique_id
+async def start_relay(mosquitto: MosquittoServer, u: str, tracing: str) -> tuple[Any, Probe]:
+    """A runtime whose handler publishes `<u>/out/<n>` for each `<u>/in/<n>`; the probe watches `<u>/out/#`."""
 
     async def handle(n: str, client: Any) -> None:
         await client.publish(f"{u}/out/{n}", b"x", qos=1)
@@ -145,10 +145,16 @@ async def test_tracing_off_adds_nothing(mosquitto: MosquittoServer, unique_id: s
     router = Router()
     router.on(f"{u}/in/{{n}}", handle, qos=1)
     settings = load_settings({"MQTT_BROKER": mosquitto.host, "MQTT_PORT": str(mosquitto.port),
-                              "MQTT_CLIENT_ID": u, "TRACING": "off"})
+                              "MQTT_CLIENT_ID": u, "TRACING": tracing})
     runtime, probe = await start(settings, router, mosquitto, u)
+    await probe.subscribe(f"{u}/out/#")
+    return runtime, probe
+
+
+async def test_tracing_off_adds_nothing(mosquitto: MosquittoServer, unique_id: str) -> None:
+    u = unique_id
+    runtime, probe = await start_relay(mosquitto, u, "off")
     try:
-        await probe.subscribe(f"{u}/out/#")
         probe_publish(probe, f"{u}/in/1", {}, [("traceparent", TRACEPARENT)], f"{u}/out/r")
         [message] = await probe.wait_count(f"{u}/out/1", 1)
         assert "traceparent" not in message.user_properties
@@ -160,17 +166,8 @@ async def test_tracing_off_adds_nothing(mosquitto: MosquittoServer, unique_id: s
 async def test_otel_spans_of_a_runtime_on_mosquitto(spans: Any, mosquitto: MosquittoServer, unique_id: str) -> None:
     """TRACING=otel: the dispatcher's CONSUMER span and MqttClient's PRODUCER span, ended after the PUBACK."""
     u = unique_id
-
-    async def handle(n: str, client: Any) -> None:
-        await client.publish(f"{u}/out/{n}", b"x", qos=1)
-
-    router = Router()
-    router.on(f"{u}/in/{{n}}", handle, qos=1)
-    settings = load_settings({"MQTT_BROKER": mosquitto.host, "MQTT_PORT": str(mosquitto.port),
-                              "MQTT_CLIENT_ID": u, "TRACING": "otel"})
-    runtime, probe = await start(settings, router, mosquitto, u)
+    runtime, probe = await start_relay(mosquitto, u, "otel")
     try:
-        await probe.subscribe(f"{u}/out/#")
         probe_publish(probe, f"{u}/in/1", {}, [("traceparent", TRACEPARENT), ("tracestate", TRACESTATE)],
                       f"{u}/replies/1")
         [message] = await probe.wait_count(f"{u}/out/1", 1)
