@@ -1,6 +1,6 @@
 """A fleet losing pods: how long parked messages wait for adoption, and what a rolling update costs.
 
-Run:  .venv/bin/python -m bench.bench_fleet [--repeat 5] [--grace 15]
+Run:  .venv/bin/python -m bench.bench_fleet [--repeat 5] [--grace 15] [--only scale-down,sigkill,restart,rolling]
 
 Pods are `python main.py --workers 2` processes (distinct MQTT_CLIENT_ID, one MQTT_GROUP_NAME) on
 a private Mosquitto, serving one shared QoS 1 route (bench/apps/fleet.py) that records the worker,
@@ -11,6 +11,9 @@ is MQTT_ORPHAN_GRACE's default (15 s) unless ``--grace`` says otherwise. Per run
   pod is stopped for good (SIGTERM, or SIGKILL of all its processes). The time from the signal to
   the last message handled by an adoption (`adopted` in the record) is how long a parked message
   waited at most; the stream goes on past it, and every message must be handled.
+- **whole fleet restarted**: both pods stop; once the grace has passed (the notices were
+  published with nobody listening: only their retained copies remain) two pods with new names
+  start, and find them by sweeping. The wait is from their launch to the last adopted message.
 - **rolling update**: two pods, ``--count`` messages at ``--rate``; each pod in turn gets SIGTERM
   and a pod with a new name replaces it. Duplicates (messages handled more than once) and lost
   ones, scaled to 10,000 messages.
@@ -45,6 +48,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.support.servers import MosquittoServer
 
+SCENARIOS = ("scale-down", "sigkill", "restart", "rolling")
 _READY = re.compile(r"all \d+ worker\(s\) subscribed")
 _WORKER_PID = re.compile(r"started worker w\d+ \(pid (\d+)")
 
@@ -216,6 +220,34 @@ def pod_goes_away(args: argparse.Namespace, kill: bool) -> Outcome:
         run.close()
 
 
+def fleet_restarted(args: argparse.Namespace) -> Outcome:
+    """Both pods stop; after the grace (the notices fired with nobody listening, so only their
+    retained copies remain) two pods with new names start. The wait is from the new pods' launch
+    to the last adopted message: the sweep path."""
+    run = Run(args)
+    try:
+        a, b = run.pod("a"), run.pod("b")
+        a.wait_ready()
+        b.wait_ready()
+        duration = 3.0 + args.grace + 5.0 + (args.tail if args.tail is not None else 20.0)
+        count = int(duration * args.rate)
+        stream = Stream(run.broker.port, run.topic, count, args.rate)
+        stream.at(3)
+        a.terminate()
+        b.terminate()
+        stream.at(3 + args.grace + 5)
+        launched = time.time()
+        run.pod("c")
+        run.pod("d")
+        stream.finish()
+        outcome = run.settle(count, timeout=args.grace + 60)
+        adopted = [t for worker, _, t in _records(run.record) if worker == "adopted"]
+        outcome.wait = max(adopted) - launched if adopted else None
+        return outcome
+    finally:
+        run.close()
+
+
 def rolling_update(args: argparse.Namespace) -> Outcome:
     run = Run(args)
     try:
@@ -248,13 +280,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=10_000, help="messages of the rolling update")
     parser.add_argument("--tail", type=float, default=None,
                         help="seconds the stream goes on after a pod went away (default: grace + 22)")
+    parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated subset of: " + ", ".join(SCENARIOS))
     args = parser.parse_args(argv)
 
-    results: dict[str, list[Outcome]] = {"scale-down (SIGTERM)": [], "pod SIGKILLed": [], "rolling update": []}
+    jobs = {
+        "scale-down (SIGTERM)": lambda: pod_goes_away(args, kill=False),
+        "pod SIGKILLed": lambda: pod_goes_away(args, kill=True),
+        "whole fleet restarted, new names (from the new pods' launch)": lambda: fleet_restarted(args),
+        "rolling update": lambda: rolling_update(args),
+    }
+    keys = dict(zip(SCENARIOS, jobs))
+    wanted = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in keys]
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
+    jobs = {keys[name]: jobs[keys[name]] for name in wanted}
+    results: dict[str, list[Outcome]] = {name: [] for name in jobs}
     for i in range(args.repeat):
-        for name, job in (("scale-down (SIGTERM)", lambda: pod_goes_away(args, kill=False)),
-                          ("pod SIGKILLed", lambda: pod_goes_away(args, kill=True)),
-                          ("rolling update", lambda: rolling_update(args))):
+        for name, job in jobs.items():
             outcome = job()
             results[name].append(outcome)
             wait = "—" if outcome.wait is None else f"{outcome.wait:.1f} s"
