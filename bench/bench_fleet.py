@@ -178,6 +178,19 @@ class Run:
         self.pods.append(pod)
         return pod
 
+    def two_pods(self) -> tuple[Pod, Pod]:
+        a, b = self.pod("a"), self.pod("b")
+        a.wait_ready()
+        b.wait_ready()
+        return a, b
+
+    def waited_since(self, since: float, count: int) -> Outcome:
+        """Settle; the wait is from `since` to the last message an adoption handled."""
+        outcome = self.settle(count, timeout=self.args.grace + 60)
+        adopted = [t for worker, _, t in _records(self.record) if worker == "adopted"]
+        outcome.wait = max(adopted) - since if adopted else None
+        return outcome
+
     def settle(self, count: int, timeout: float) -> Outcome:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -202,20 +215,18 @@ class Run:
 def pod_goes_away(args: argparse.Namespace, kill: bool) -> Outcome:
     run = Run(args)
     try:
-        a, b = run.pod("a"), run.pod("b")
-        a.wait_ready()
-        b.wait_ready()
+        a, b = run.two_pods()
         duration = 3.0 + (args.tail if args.tail is not None else args.grace + 22.0)  # outlasts the adoption
         count = int(duration * args.rate)
         stream = Stream(run.broker.port, run.topic, count, args.rate)
         stream.at(3)
         gone = time.time()
-        b.kill_all() if kill else b.terminate()
+        if kill:
+            b.kill_all()
+        else:
+            b.terminate()
         stream.finish()
-        outcome = run.settle(count, timeout=args.grace + 60)
-        adopted = [t for worker, _, t in _records(run.record) if worker == "adopted"]
-        outcome.wait = max(adopted) - gone if adopted else None
-        return outcome
+        return run.waited_since(gone, count)
     finally:
         run.close()
 
@@ -226,9 +237,7 @@ def fleet_restarted(args: argparse.Namespace) -> Outcome:
     to the last adopted message: the sweep path."""
     run = Run(args)
     try:
-        a, b = run.pod("a"), run.pod("b")
-        a.wait_ready()
-        b.wait_ready()
+        a, b = run.two_pods()
         duration = 3.0 + args.grace + 5.0 + (args.tail if args.tail is not None else 20.0)
         count = int(duration * args.rate)
         stream = Stream(run.broker.port, run.topic, count, args.rate)
@@ -240,10 +249,7 @@ def fleet_restarted(args: argparse.Namespace) -> Outcome:
         run.pod("c")
         run.pod("d")
         stream.finish()
-        outcome = run.settle(count, timeout=args.grace + 60)
-        adopted = [t for worker, _, t in _records(run.record) if worker == "adopted"]
-        outcome.wait = max(adopted) - launched if adopted else None
-        return outcome
+        return run.waited_since(launched, count)
     finally:
         run.close()
 
@@ -251,9 +257,7 @@ def fleet_restarted(args: argparse.Namespace) -> Outcome:
 def rolling_update(args: argparse.Namespace) -> Outcome:
     run = Run(args)
     try:
-        a, b = run.pod("a"), run.pod("b")
-        a.wait_ready()
-        b.wait_ready()
+        a, b = run.two_pods()
         stream = Stream(run.broker.port, run.topic, args.count, args.rate)
         stream.at(3)
         a.terminate()

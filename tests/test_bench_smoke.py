@@ -102,3 +102,15 @@ def test_bench_tracing_prints_costs_and_both_handlers() -> None:
     out = run_bench("bench.bench_tracing", "--count", "200", "--topics", "5", "--repeat", "1")
     rows = {r[0]: r[1:] for r in table_rows(out)}
     assert {"per message (no publish)", "trivial", "publishes one QoS 0 message"} <= set(rows), out
+
+
+@pytest.mark.integration
+@needs_mosquitto
+def test_bench_fleet_measures_a_scale_down() -> None:
+    out = run_bench("bench.bench_fleet", "--only", "scale-down", "--repeat", "1", "--grace", "2", "--tail", "4",
+                    "--rate", "100")
+    rows = {r[0]: r[1:] for r in table_rows(out)}
+    wait, lost = rows["scale-down (SIGTERM)"][0], rows["scale-down (SIGTERM)"][1]
+    assert lost == "0", out
+    p50, worst = (float(x) for x in wait.split(" / "))
+    assert 0 < p50 <= worst
