@@ -32,8 +32,9 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Collection
 
+from core.events import record_event
 from core.mqtt_client import MqttClient, PublishError, Subscription
-from core.orphans import ORPHAN_PREFIX, notice_filter, notices_enabled, parse_notice
+from core.orphans import ADOPTION_TOTALS, ORPHAN_PREFIX, notice_filter, notices_enabled, parse_notice
 from core.worker_manager import ParkedSessions
 
 if TYPE_CHECKING:
@@ -161,22 +162,36 @@ class OrphanWatch:
             try:
                 info = await self._parked.adopt(client_id)
             except Exception:
+                ADOPTION_TOTALS["failed"] += 1
                 log.exception("adopting the session of %s failed; its notice is published again if it still "
                               "holds messages", client_id)
+                record_event("adoption", f"adopting the session of {client_id} failed (see the log)")
                 return
-            seconds = time.monotonic() - started
-            self.adopted.pop(client_id, None)
-            self.adopted[client_id] = {**info, "seconds": round(seconds, 3), "at": time.time()}
-            while len(self.adopted) > ADOPTED_KEPT:
-                self.adopted.pop(next(iter(self.adopted)))
-            state = info.get("state")
-            if state == "ended":
-                log.info("adopted the session of %s: handled %d parked message(s) in %.1f s and ended it",
-                         client_id, info.get("handled", 0), seconds)
-            elif state == "none":
-                log.info("adopted %s: it had no session left; its notice is cleared", client_id)
-            elif state == "unreachable":
-                log.warning("could not connect as %s to adopt its session; a later sweep tries again", client_id)
+            self._report(client_id, info, time.monotonic() - started)
+
+    def _report(self, client_id: str, info: dict[str, Any], seconds: float) -> None:
+        """Keep, count, log and show (events feed) the outcome of one adoption."""
+        self.adopted.pop(client_id, None)
+        self.adopted[client_id] = {**info, "seconds": round(seconds, 3), "at": time.time()}
+        while len(self.adopted) > ADOPTED_KEPT:
+            self.adopted.pop(next(iter(self.adopted)))
+        state = info.get("state")
+        if state in ADOPTION_TOTALS:
+            ADOPTION_TOTALS[state] += 1
+        if state == "ended":
+            handled = info.get("handled", 0)
+            ADOPTION_TOTALS["messages"] += handled
+            text = f"adopted the session of {client_id}: handled {handled} parked message(s) in {seconds:.1f} s and ended it"
+            log.info("%s", text)
+        elif state == "none":
+            text = f"adopted {client_id}: it had no session left; its notice is cleared"
+            log.info("%s", text)
+        elif state == "unreachable":
+            text = f"could not connect as {client_id} to adopt its session; a later sweep tries again"
+            log.warning("%s", text)
+        else:
+            return
+        record_event("adoption", text)
 
     async def _sweep(self) -> set[str] | None:
         """The client ids of the notices retained now; None if the broker could not be asked."""
@@ -212,3 +227,4 @@ class OrphanWatch:
             return None
         finally:
             await client.stop()
+

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, 
 
 from core.autoscale import add_metric_families
 from core.config import Settings
+from core.orphans import add_metric_families as add_adoption_families
 from core.stats import ProcessStats
 
 if TYPE_CHECKING:
@@ -641,6 +642,7 @@ def build_metric_families(view: SystemView, prefix: str = "mqtt_app") -> list[An
     up = gauge("up_seconds", "Seconds since the process (supervisor) started", [])
     up.add_metric([], view.sample.uptime)
     add_metric_families(out, view.sample.autoscale, p)
+    add_adoption_families(out, p)
     return out
 
 

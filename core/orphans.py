@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from core.config import Settings
 
@@ -63,3 +64,23 @@ def parse_notice(payload: bytes, group: str) -> Notice | None:
     if not isinstance(client_id, str) or not client_id or their_group != group:
         return None
     return Notice(client_id, group)
+
+
+# Totals of this process's adoptions (core/adoption.py counts, /metrics exports them).
+ADOPTION_TOTALS: dict[str, int] = {"ended": 0, "none": 0, "unreachable": 0, "failed": 0, "messages": 0}
+
+
+def add_metric_families(out: list[Any], prefix: str) -> None:
+    """Prometheus families of this process's adoptions (none before the first one)."""
+    if not any(ADOPTION_TOTALS.values()):
+        return
+    from prometheus_client.core import CounterMetricFamily
+
+    outcomes = CounterMetricFamily(f"{prefix}_sessions_adopted", "Orphaned sessions this pod adopted, by outcome "
+                                   "(ended: drained and ended; none: no session left; unreachable; failed)",
+                                   labels=["outcome"])
+    for outcome in ("ended", "none", "unreachable", "failed"):
+        outcomes.add_metric([outcome], ADOPTION_TOTALS[outcome])
+    messages = CounterMetricFamily(f"{prefix}_adopted_messages", "Parked messages handled while adopting sessions")
+    messages.add_metric([], ADOPTION_TOTALS["messages"])
+    out.extend([outcomes, messages])
