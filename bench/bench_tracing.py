@@ -12,7 +12,6 @@ Run:  .venv/bin/python -m bench.bench_tracing [--count 20000] [--repeat 5]
 
 from __future__ import annotations
 
-import asyncio
 import os
 import statistics
 import sys

@@ -199,4 +199,5 @@ def configure(mode: str, client_id: str = "") -> None:
 
 
 def otel_bridge() -> Any:
+    """The OpenTelemetry bridge (`core.tracing_otel.OtelBridge`) with TRACING=otel, else None."""
     return _otel

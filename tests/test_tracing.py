@@ -4,7 +4,6 @@ Mosquitto, Redis and SQLite: tests/integration/test_tracing.py."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
@@ -143,4 +142,3 @@ async def test_otel_consumer_span_per_handler_run_and_producer_span_per_publish(
     assert failing.status.status_code.name == "ERROR" and failing.attributes["error.type"] == "ValueError"
     assert failed.dead_letters and any(
         s.kind == SpanKind.PRODUCER and s.parent.span_id == failing.context.span_id for s in spans.get_finished_spans())
-    await asyncio.sleep(0)
