@@ -12,13 +12,12 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from core.context import MessageContext, Publisher, Services
-from core.dispatcher import handler_call
 from core.middleware import build_chain
 from core.payload import decode_payload, encode_payload
-from core.router import Route, RouteError
+from core.route_options import RouteError
 
 
-async def dispatch(routes: Sequence[Route], topic: str, payload: Any, client: Publisher | Any) -> Any:
+async def dispatch(routes: Sequence[Any], topic: str, payload: Any, client: Publisher | Any) -> Any:
     """Run every route whose filter matches `topic`, in registration order (as a delivered message runs
     each matching subscription once); the first route's result. RouteError if no route matches."""
     levels = topic.split("/")
@@ -31,7 +30,7 @@ async def dispatch(routes: Sequence[Route], topic: str, payload: Any, client: Pu
     return results[0]
 
 
-async def run_route(route: Route, topic: str, params: dict[str, str], payload: Any, services: Services) -> Any:
+async def run_route(route: Any, topic: str, params: dict[str, str], payload: Any, services: Services) -> Any:
     """One route's middleware and handler for one message. Bytes are decoded per the route's
     `payload_format`; anything else is taken as the decoded payload."""
     if isinstance(payload, (bytes, bytearray, memoryview)):
@@ -40,4 +39,4 @@ async def run_route(route: Route, topic: str, params: dict[str, str], payload: A
     else:
         raw, value = encode_payload(payload), payload
     context = MessageContext(topic, params, value, raw, route.qos, False, False, None, route, services)
-    return await build_chain(route.middleware, handler_call(route, None))(context)
+    return await build_chain(route.middleware, route.handler.caller(None))(context)

@@ -15,9 +15,8 @@ import base64
 import logging
 import time
 from concurrent.futures import Executor
-from contextvars import copy_context
 from functools import partial
-from typing import Any, Awaitable, Callable, Collection
+from typing import Any, Callable, Collection
 
 from core.acks import AckSequencer, AckTicket
 from core.config import Settings
@@ -66,6 +65,16 @@ class _Endpoint:
         self.breaker = guard.breaker  # read per message: one attribute away
 
 
+RouteBridge = Callable[[Route, Services], "CallNext | None"]
+"""An integration's chain for a route it takes over (`RuntimeHook.route_bridge`), or None for the others."""
+
+
+def no_stream_writer(route: Route) -> str:
+    """The error of a stream route's message in a process without a stream writer."""
+    return (f"{route.describe()} appends to the Redis stream {route.stream!r}, but this process has no "
+            "Redis connection: set ENABLE_REDIS=true")
+
+
 class Dispatcher:
     """Turns delivered MQTT messages into handler calls for one process."""
 
@@ -81,8 +90,10 @@ class Dispatcher:
         use_subscription_ids: Callable[[], bool] = lambda: True,
         on_complete: Callable[[], None] | None = None,
         retry_scale: float = 1.0,
+        bridges: Collection[RouteBridge] = (),
     ) -> None:
         self.table = table
+        self._bridges = tuple(bridges)
         self.settings = settings
         self.services = services
         self.stats = stats
@@ -116,16 +127,26 @@ class Dispatcher:
     # -- building ---------------------------------------------------------------------------------
 
     def _make_chain(self, route: Route) -> CallNext:
-        if route.stream is not None:
-            # The MQTT side of a stream route only appends to the stream (the ack waits for the XADD);
-            # middleware and handler run in the stream's consumers.
-            from core.streams import bridge_call
-
-            chain = bridge_call(route, self.services)
-        else:
+        chain = self._bridged(route)
+        if chain is None:
             chain = build_chain(route.middleware, self._make_handler_call(route))
         otel = otel_bridge()
         return chain if otel is None else otel.traced_chain(chain, route.pattern, current_trace)
+
+    def _bridged(self, route: Route) -> CallNext | None:
+        """The chain an integration runs instead of the route's handler (the MQTT side of a stream
+        route only appends to the stream; its middleware and handler run in the stream's consumers)."""
+        for bridge in self._bridges:
+            chain = bridge(route, self.services)
+            if chain is not None:
+                return chain
+        if route.stream is None:
+            return None
+
+        async def no_writer(context: MessageContext) -> None:
+            raise RuntimeError(no_stream_writer(route))
+
+        return no_writer
 
     def _make_handler_call(self, route: Route) -> CallNext:
         return handler_call(route, self._executor)
@@ -383,23 +404,8 @@ class Dispatcher:
 
 
 def handler_call(route: Route, executor: Executor | None) -> CallNext:
-    """The innermost step of a route's chain: call its handler with the arguments it asks for
-    (a plain function runs in `executor`; None is the loop's default executor)."""
-    spec = route.handler
-    fn = spec.fn
-    arguments = spec.arguments
-    if spec.is_async:
-        async def call_async(context: MessageContext) -> Any:
-            return await fn(**arguments(context))
-
-        return call_async
-
-    def call_sync(context: MessageContext) -> Awaitable[Any]:
-        # In this message's context (its trace, the app's contextvars): an executor does not copy it.
-        return asyncio.get_running_loop().run_in_executor(executor, partial(copy_context().run, fn,
-                                                                            **arguments(context)))
-
-    return call_sync
+    """The innermost step of a route's chain: its handler's call (`core.handler.HandlerSpec.caller`)."""
+    return route.handler.caller(executor)
 
 
 def dead_letter_matcher(template: str) -> Callable[[str], bool]:

@@ -8,11 +8,15 @@ Arguments it cannot be given (an unknown name without a default) are a startup e
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
-from typing import Any, Callable
+from concurrent.futures import Executor
+from contextvars import copy_context
+from typing import Any, Awaitable, Callable
 
 from core.context import MessageContext
+from core.validation import payload_getter
 
 RESERVED_ARGUMENTS = frozenset({"payload", "topic", "client", "context"})
 
@@ -66,8 +70,6 @@ class HandlerSpec:
             if arg.name in RESERVED_ARGUMENTS:
                 getter = _RESERVED_GETTERS[arg.name]
                 if arg.name == "payload" and arg.annotation is not inspect.Parameter.empty:
-                    from core.validation import payload_getter  # late: core.validation imports the dispatcher
-
                     getter = payload_getter(fn, arg, where) or getter
                 reserved.append((arg.name, getter))
             elif arg.name in route_params:
@@ -92,3 +94,21 @@ class HandlerSpec:
         for name, getter in self._reserved:
             kwargs[name] = getter(context)
         return kwargs
+
+    def caller(self, executor: Executor | None) -> Callable[[MessageContext], Awaitable[Any]]:
+        """The innermost step of a route's chain: call the handler with the arguments it asks for
+        (a plain function runs in `executor`; None is the loop's default executor)."""
+        fn = self.fn
+        arguments = self.arguments
+        if self.is_async:
+            async def call_async(context: MessageContext) -> Any:
+                return await fn(**arguments(context))
+
+            return call_async
+
+        def call_sync(context: MessageContext) -> Awaitable[Any]:
+            # In this message's context (its trace, the app's contextvars): an executor does not copy it.
+            return asyncio.get_running_loop().run_in_executor(executor, functools.partial(copy_context().run, fn,
+                                                                                          **arguments(context)))
+
+        return call_sync

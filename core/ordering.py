@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from core.router import RouteError
 
@@ -94,24 +94,6 @@ class TopicSequencer:
                 waiter.set_result(None)
                 return
         del self._queues[key]
-
-
-def check_ordered_option(value: Any, route_worker_count: int, stream: str | None, where: str) -> None:
-    """RouteError (naming the route) for an `ordered=` that cannot hold, at registration."""
-    if not isinstance(value, bool):
-        raise RouteError(f"{where}: ordered must be True or False, not {value!r}")
-    if not value:
-        return
-    if route_worker_count > 1:
-        raise RouteError(
-            f"{where}: ordered=True with worker_count={route_worker_count}: a shared subscription spreads one topic's "
-            "messages over the workers, so their order cannot hold; use worker_count=1 (one worker handles the route)"
-        )
-    if stream is not None:
-        raise RouteError(
-            f"{where}: ordered=True is not supported on a stream route (stream={stream!r}): stream consumers handle "
-            "entries concurrently and retry them later; drop ordered=True or stream="
-        )
 
 
 def check_ordered_routes(routes: Iterable["Route"], processes: Callable[["Route"], int]) -> None:

@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from core.handler import RESERVED_ARGUMENTS, HandlerSpec
 from core.middleware import Middleware, check_middleware
 from core.payload import PAYLOAD_FORMATS
-from core.retry import Retry, route_retry
+from core.retry_policy import Retry, route_retry
+from core.route_options import RouteError, check_ordered_option  # RouteError: also imported from here
 from core.topic_trie import TopicTrie
 from core.wire import string_problem
 
@@ -44,10 +45,6 @@ ROUTE_OPTIONS: dict[str, Any] = {
 
 # The pattern of a consumer-only stream route (`Router.stream`): `$stream/<name>`, never an MQTT topic.
 STREAM_PATTERN_PREFIX = "$stream/"
-
-
-class RouteError(ValueError):
-    """A route is invalid; the message names the pattern and the module."""
 
 
 @dataclass(frozen=True)
@@ -408,9 +405,10 @@ class Router:
                 raise RouteError(str(exc)) from None
         _check_options(options, chain, where)
         if "ordered" in options:
-            from core.ordering import check_ordered_option  # late: core.ordering imports this module
-
-            check_ordered_option(options["ordered"], worker_count, stream, where)
+            try:
+                check_ordered_option(options["ordered"], worker_count, stream)
+            except ValueError as exc:
+                raise RouteError(f"{where}: {exc}") from None
         try:
             spec = HandlerSpec(handler, compiled.params, where)
         except TypeError as exc:

@@ -29,6 +29,9 @@ class RuntimeHook(Protocol):
 
     async def stop(self, runtime: "Runtime") -> None: ...
 
+    # Optional: `route_bridge(route, services)`, a chain that replaces the handler of the routes the hook
+    # takes over (core.dispatcher.RouteBridge; the stream writer of `stream=` routes).
+
 
 class Runtime:
     """Serve `routes` on one MQTT connection until `stop()` is called."""
@@ -71,6 +74,7 @@ class Runtime:
             self.table, settings, self.services, self.stats, self.client.ack, self.executor,
             use_subscription_ids=lambda: self.client.subscription_ids_available,
             on_complete=self._on_complete,
+            bridges=[bridge for hook in self.hooks if (bridge := getattr(hook, "route_bridge", None)) is not None],
         )
         self._max_inflight = settings.max_inflight
         self._resume_at = settings.max_inflight - max(1, settings.max_inflight // 4)

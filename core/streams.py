@@ -36,7 +36,7 @@ from core.backoff import backoff_delay
 from core.breaker import CircuitBreaker
 from core.config import Settings
 from core.context import MessageContext, Services
-from core.dispatcher import handler_call  # the handler is called as on an inline route
+from core.dispatcher import handler_call, no_stream_writer  # the handler is called as on an inline route
 from core.error_log import ErrorLog
 from core.failures import call_with_timeout, first_line, is_transient, is_unreachable
 from core.intake import Intake
@@ -330,6 +330,11 @@ class StreamWriter:
         self._queue.clear()
 
 
+def stream_bridge(route: Route, services: Services) -> CallNext | None:
+    """The Dispatcher's bridge (`RouteBridge`): `bridge_call` for a stream route, None for the others."""
+    return None if route.stream is None else bridge_call(route, services)
+
+
 def bridge_call(route: Route, services: Services) -> CallNext:
     """What the Dispatcher runs for a stream route: append the message to the route's stream."""
     stream = route.stream
@@ -339,8 +344,7 @@ def bridge_call(route: Route, services: Services) -> CallNext:
     async def append(context: MessageContext) -> None:
         writer: StreamWriter | None = extras.get(WRITER_KEY)
         if writer is None:
-            raise RuntimeError(f"{route.describe()} appends to the Redis stream {stream!r}, but this process has no "
-                               "Redis connection: set ENABLE_REDIS=true")
+            raise RuntimeError(no_stream_writer(route))
         await writer.append(stream, encode_entry(pattern, context, stream))  # type: ignore[arg-type]
 
     return append
@@ -828,6 +832,8 @@ def original_fields(dlq_fields: dict[Any, Any]) -> dict[str, Any]:
 
 class StreamsHook:
     """RuntimeHook (ENABLE_REDIS): the Redis client, the writer and the consumers of one process."""
+
+    route_bridge = staticmethod(stream_bridge)  # the runtime's dispatcher appends stream routes' messages
 
     def __init__(self, settings: Settings, worker_id: str) -> None:
         self.settings = settings

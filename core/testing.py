@@ -432,7 +432,7 @@ class TestClient:
     async def start(self) -> "TestClient":
         from core.rate_limit import REDIS_KEY, check_rate_limits
 
-        from core.streams import WRITER_KEY, check_stream_routes
+        from core.streams import WRITER_KEY, check_stream_routes, stream_bridge
 
         check_rate_limits(self.routes, self.settings)  # as at startup: a Redis rate limit needs ENABLE_REDIS
         # Streams are simulated in memory, so they need no ENABLE_REDIS; the other checks apply.
@@ -451,7 +451,7 @@ class TestClient:
         self._dispatcher = Dispatcher(
             self.table, self.settings, self.services, self.stats, self._ack, self._executor,
             use_subscription_ids=lambda: self.v5, on_complete=self._progress.set,
-            retry_scale=1.0 if self.retry_delays else 0.0,
+            retry_scale=1.0 if self.retry_delays else 0.0, bridges=(stream_bridge,),
         )
         return self
 

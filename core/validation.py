@@ -29,7 +29,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
 from core.context import MessageContext
-from core.dispatcher import DeadLetter
+from core.failures import DeadLetter
 
 Getter = Callable[[MessageContext], Any]
 
