@@ -1,59 +1,24 @@
-"""Assemble an application: settings + the routers discovered in `app/routers`.
-
-Every process (the main one and each spawned worker) calls `Application.load()` itself, so
-nothing built here crosses a process boundary.
+"""`python main.py` in one process: the composition on top of `core` (the app itself is assembled by
+`core.assembly`, which every worker process uses too; its names are importable from here).
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
-import pkgutil
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
+from core.assembly import Application, HookFactory, feature_hooks, stop_when_idle  # noqa: F401 - also imported from here
 from core.config import Settings
-from core.router import Route, Router, RouteError, merge_routers
-from core.runtime import Runtime, RuntimeHook
+from core.discovery import DiscoveryError, discover_routers  # noqa: F401 - also imported from here
+from core.runtime import Runtime
 
 log = logging.getLogger("bootstrap")
-
-
-class DiscoveryError(RuntimeError):
-    """A router module could not be imported or exposes something that is not a Router."""
-
-
-def discover_routers(package: str) -> list[tuple[str, Router]]:
-    """Import every module of `package` (e.g. `app.routers`) that defines `router`, in name order."""
-    try:
-        pkg = importlib.import_module(package)
-    except ImportError as exc:
-        raise DiscoveryError(f"ROUTERS_PACKAGE={package!r}: cannot import it: {exc}") from exc
-    found: list[tuple[str, Router]] = []
-    paths = getattr(pkg, "__path__", None)
-    modules = [package] if paths is None else [f"{package}.{m.name}" for m in sorted(pkgutil.iter_modules(paths), key=lambda m: m.name)]
-    for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except RouteError:
-            raise
-        except Exception as exc:
-            raise DiscoveryError(f"router module {name}: import failed: {type(exc).__name__}: {exc}") from exc
-        router = getattr(module, "router", None)
-        if router is None:
-            continue
-        if not isinstance(router, Router):
-            raise DiscoveryError(f"router module {name}: `router` is a {type(router).__name__}, not a core.router.Router")
-        if any(router is seen for _, seen in found):
-            continue  # a module that imported another module's router to extend it: merge it once
-        found.append((name, router))
-    return found
 
 
 # Where the embedded broker goes when EMBEDDED_BROKER_PORT is not set and 1883 is taken.
@@ -89,52 +54,6 @@ def choose_embedded_broker_port(settings: Settings, port_was_set: bool) -> Setti
         )
         return settings.with_overrides(embedded_broker_port=EMBEDDED_FALLBACK_PORT)
     return settings
-
-
-HookFactory = Callable[[Settings, str], Sequence[RuntimeHook]]
-
-
-@dataclass
-class Application:
-    """Settings plus the merged routes of the app."""
-
-    settings: Settings
-    router: Router
-    hook_factories: list[HookFactory] = field(default_factory=list)
-
-    @classmethod
-    def load(cls, settings: Settings, router: Router | None = None) -> "Application":
-        if router is None:
-            router = merge_routers(discover_routers(settings.routers_package))
-        app = cls(settings, router)
-        from bootstrap.services import feature_hooks  # Redis Streams, database + outbox (docs/streams.md, docs/outbox.md)
-
-        app.hook_factories.extend(feature_hooks(settings, router.routes))
-        if settings.http_port is not None:
-            from core.metrics import metrics_hooks  # latency histograms etc. for /metrics, in every process
-
-            app.hook_factories.append(metrics_hooks)
-        return app
-
-    @property
-    def routes(self) -> list[Route]:
-        return list(self.router.routes)
-
-    def plain_routes(self) -> list[Route]:
-        return [r for r in self.router.routes if not r.shared]
-
-    def shared_routes(self) -> list[Route]:
-        return [r for r in self.router.routes if r.shared]
-
-    def make_runtime(self, routes: Sequence[Route], *, client_id: str | None = None, worker_id: str = "main",
-                     session_expiry: int | None = None, quiet: bool = False, reconnect: bool = True) -> Runtime:
-        """A Runtime for `routes` with the enabled features' hooks; `quiet` logs its connection at DEBUG;
-        `reconnect=False` for a connection to someone else's session (a drain), which may be taken over."""
-        hooks: list[RuntimeHook] = []
-        for factory in self.hook_factories:
-            hooks.extend(factory(self.settings, worker_id))
-        return Runtime(self.settings, routes, client_id=client_id, worker_id=worker_id, hooks=hooks,
-                       session_expiry=session_expiry, quiet=quiet, reconnect=reconnect)
 
 
 async def serve_single_process(app: Application, *, test_mode: bool = False) -> int:
@@ -259,22 +178,3 @@ def install_stop_signals(request_stop: Callable[[], None]) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
-
-
-async def stop_when_idle(runtime: Runtime, idle_seconds: float) -> None:
-    """`--test-mode`: once subscribed, stop after `idle_seconds` with no message and nothing in flight."""
-    import time
-
-    await runtime.wait_ready()
-    last_seen = time.monotonic()
-    last_count = -1
-    while True:
-        await asyncio.sleep(min(0.2, idle_seconds / 4))
-        count = runtime.stats.received
-        if count != last_count or runtime.dispatcher.inflight:
-            last_count = count
-            last_seen = time.monotonic()
-        elif time.monotonic() - last_seen >= idle_seconds:
-            log.info("test mode: no message for %.3g s; stopping", idle_seconds)
-            runtime.request_stop()
-            return

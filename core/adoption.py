@@ -38,7 +38,7 @@ from core.orphans import ADOPTION_TOTALS, ORPHAN_PREFIX, notice_filter, notices_
 from core.worker_manager import ParkedSessions
 
 if TYPE_CHECKING:
-    from bootstrap.app import Application
+    from core.assembly import Application
 
 log = logging.getLogger("core.adoption")
 

@@ -55,7 +55,7 @@ def format_route_table(routes: Sequence[Route], settings: Settings) -> str:
 
 def load_routes(settings: Settings) -> list[Route]:
     """The app's routes for listing: every check of a start except that the features they use are enabled."""
-    from bootstrap.app import discover_routers
+    from core.discovery import discover_routers
     from core.streams import check_stream_routes
 
     router = merge_routers(discover_routers(settings.routers_package))
@@ -67,7 +67,7 @@ def load_routes(settings: Settings) -> list[Route]:
 def routes_command(settings: Settings) -> int:
     """`python main.py routes`: print the active profile and the route table; exit code 0, or 2 on a route
     or discovery error."""
-    from bootstrap.app import DiscoveryError
+    from core.discovery import DiscoveryError
 
     try:
         routes = load_routes(settings)
@@ -83,7 +83,7 @@ def routes_command(settings: Settings) -> int:
 
 def asyncapi_command(settings: Settings, fmt: str, output: str | None, version: str) -> int:
     """`python main.py asyncapi`: the AsyncAPI 3.0 document of the routes, to stdout or `output`."""
-    from bootstrap.app import DiscoveryError
+    from core.discovery import DiscoveryError
     from core.asyncapi import build_document
 
     try:

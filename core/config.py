@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
 from core.profiles import PROFILES, apply_profile
-from core.wire import string_problem
+from core.mqtt_text import string_problem
 
 T = TypeVar("T")
 

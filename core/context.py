@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, AsyncContextManager, Callable, Protocol
-
-if TYPE_CHECKING:
-    from core.router import Route
+from typing import Any, AsyncContextManager, Callable, Protocol
 
 
 class Publisher(Protocol):
@@ -60,7 +57,7 @@ class MessageContext:
         retain: bool,
         dup: bool,
         properties: Any,
-        route: "Route",
+        route: Any,  # its core.router.Route (not imported: the router's modules import this one)
         services: Services,
     ) -> None:
         self.topic = topic

@@ -40,11 +40,10 @@ from core.config import Settings
 from core.mqtt_properties import install as install_fast_properties
 from core.mqtt_reader import PacketReader
 from core.orphans import DISCONNECT_WITH_WILL, notice_payload, notice_topic, notices_enabled
-from core.payload import encode_payload
 from core.poison_guard import PoisonGuard
 from core.tracing import Finish
 from core.tracing import outgoing as outgoing_trace
-from core.wire import check_topic_name, publish_properties
+from core.wire import check_topic_name, encode_payload, publish_properties
 
 log = logging.getLogger("core.mqtt")
 

@@ -650,7 +650,7 @@ class DatabaseHook:
 
         services.transaction_factory = transaction
         if settings.http_port is not None:  # only the ops server shows backlogs
-            from core.metrics import start_backlog
+            from core.process_metrics import start_backlog
 
             self._backlog_task = start_backlog(runtime.stats, "outbox", partial(outbox_backlog, database, table))
         log.info("database %s ready (%s)%s", safe_url(settings.database_url), database.backend,

@@ -1,9 +1,12 @@
-"""Decoding inbound payloads and encoding outbound ones."""
+"""Decoding inbound payloads per route (`payload_format`); the encoding of outbound ones is the transport's
+(`core.wire.encode_payload`, importable from here too)."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+from core.wire import encode_payload  # noqa: F401 - also imported from here
 
 PAYLOAD_FORMATS = ("auto", "json", "text", "bytes")
 
@@ -49,14 +52,3 @@ def _decode_json(raw: bytes) -> Any:
     except RecursionError:
         # `[[[[...` a few thousand levels deep: json gives up before MAX_PAYLOAD_BYTES does.
         raise PayloadError("invalid JSON: nested too deeply") from None
-
-
-def encode_payload(value: Any) -> bytes:
-    """bytes as-is, str as UTF-8, None as empty, anything else as JSON."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    if value is None:
-        return b""
-    return json.dumps(value, separators=(",", ":"), default=str).encode("utf-8")

@@ -8,10 +8,14 @@ other, so a preset can never hold a value a user could not set. README.md, "Prof
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping, Protocol
 
-if TYPE_CHECKING:
-    from core.config import Settings
+
+class ProfiledSettings(Protocol):
+    """What `describe_profile` reads of `core.config.Settings` (which imports this module)."""
+
+    profile: str | None
+    profile_explicit: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def apply_profile(env: Mapping[str, str], name: str | None) -> tuple[dict[str, s
     return merged, explicit
 
 
-def describe_profile(settings: "Settings") -> str:
+def describe_profile(settings: ProfiledSettings) -> str:
     """One line for `python main.py routes`: the profile and the values in effect for its settings."""
     if settings.profile is None:
         return "profile: none (PROFILE unset: the defaults)"

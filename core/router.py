@@ -27,7 +27,7 @@ from core.payload import PAYLOAD_FORMATS
 from core.retry_policy import Retry, route_retry
 from core.route_options import RouteError, check_ordered_option  # RouteError: also imported from here
 from core.topic_trie import TopicTrie
-from core.wire import string_problem
+from core.mqtt_text import string_problem
 
 
 # Every keyword a route takes (`Router.on`, `.route`, `.stream`, `Route(...)`): name -> default.

@@ -4,13 +4,14 @@
 router = RouterRegistry("app.routers").discover_and_load_routers()
 ```
 
-It does what startup does (`bootstrap.app.discover_routers` and `merge_routers`), so the routes and
+It does what startup does (`core.discovery.discover_routers` and `merge_routers`), so the routes and
 their checks are the same. Unlike RouteMQ's, it does not fall back to an empty router: a package or
 module that cannot be imported raises `DiscoveryError`, a bad route `RouteError`.
 """
 
 from __future__ import annotations
 
+from core.discovery import discover_routers
 from core.router import Router, merge_routers
 
 
@@ -22,6 +23,4 @@ class RouterRegistry:
 
     def discover_and_load_routers(self) -> Router:
         """One router with the routes of every module of the package, in module name order."""
-        from bootstrap.app import discover_routers  # late: bootstrap imports core
-
         return merge_routers(discover_routers(self.router_directory))

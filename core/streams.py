@@ -866,7 +866,7 @@ class StreamsHook:
                      runtime.client_id, self.settings.mqtt_group_name)
         runtime.stats.extensions["streams"] = self.snapshot
         if self.consumers and self.settings.http_port is not None:  # only the ops server shows backlogs
-            from core.metrics import start_backlog
+            from core.process_metrics import start_backlog
 
             self._backlog_task = start_backlog(runtime.stats, "streams", self.backlog)
 

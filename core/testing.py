@@ -64,7 +64,7 @@ from core.tracing import outgoing_now as outgoing_trace
 from core.wire import check_topic_name, publish_properties
 
 if TYPE_CHECKING:
-    from bootstrap.app import Application
+    from core.assembly import Application
 
 __all__ = ["TestClient", "PublishResult", "PublishedMessage", "DeadLetterRecord", "HandlerCall", "TestClientError",
            "StreamEntry", "StreamDeadLetter"]
@@ -699,7 +699,7 @@ def _b64(text: str) -> bytes:
 
 def _routes_and_settings(app: Any) -> tuple[list[Route], Settings | None]:
     if isinstance(app, str):
-        from bootstrap.app import discover_routers
+        from core.discovery import discover_routers
         from core.router import merge_routers
 
         return list(merge_routers(discover_routers(app)).routes), None

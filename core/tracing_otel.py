@@ -14,16 +14,30 @@ made by `core.tracing` as with TRACING=w3c, so propagation never depends on the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-if TYPE_CHECKING:
-    from core.context import MessageContext
-    from core.tracing import Finish, Trace
+
+# What the bridge uses of `core.tracing.Trace` and of a `core.context.MessageContext` (not imported:
+# core.tracing loads this module, and tracing sits below the routing that defines the context).
+class Trace(Protocol):
+    span: Any
+
+    def received(self) -> tuple[str | None, str | None]: ...
+
+    def headers(self) -> list[tuple[str, str]]: ...
+
+
+class MessageContext(Protocol):
+    topic: str
+    raw_payload: bytes
+
+
+Finish = Callable[[BaseException | None], None]
 
 SYSTEM = "mqtt"
 INSTRUMENTATION = "mqtt-app"

@@ -10,12 +10,13 @@ after every reconnect, one such string would drop the connection again and again
 
 So: what the application passes to `publish` is checked here and refused at the call
 (`WireError`), and text the framework makes up itself (error messages in dead letters) goes
-through `sanitize`, which escapes what the broker refuses and cuts to a byte budget.
+through `sanitize`, which escapes what the broker refuses and cuts to a byte budget. The string
+rules themselves are in `core.mqtt_text` (settings and route patterns are checked with them too).
 """
 
 from __future__ import annotations
 
-import re
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -23,43 +24,17 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import MQTTException, Properties
 
 from core.mqtt_properties import FastProperties
-
-MAX_STRING_BYTES = 65535
-
-# Every code point Mosquitto refuses in a string: controls, surrogates, non-characters.
-_REFUSED = re.compile(
-    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff"
-    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(1, 17))
-    + "]"
-)
-_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_ELLIPSIS = "\u2026"
-
+from core.mqtt_text import MAX_STRING_BYTES, sanitize, shown, string_problem, truncate  # noqa: F401 - also imported from here
 
 class WireError(ValueError):
     """A topic or property the broker would refuse; raised at the `publish` call, before sending."""
-
-
-def string_problem(text: object) -> str | None:
-    """Why `text` cannot be an MQTT string (None if it can)."""
-    if not isinstance(text, str):
-        return f"must be a str, not {type(text).__name__}"
-    if text.isascii() and text.isprintable() and len(text) <= MAX_STRING_BYTES:
-        return None  # the usual case, ~10x faster than the search below (ASCII's only refused are controls)
-    bad = _REFUSED.search(text)
-    if bad is not None:
-        char = bad.group()
-        return f"contains {_describe(char)} at index {bad.start()}, which the broker refuses (escape or remove it)"
-    if len(text) > MAX_STRING_BYTES // 4 and len(text.encode("utf-8")) > MAX_STRING_BYTES:
-        return f"is {len(text.encode('utf-8'))} bytes long in UTF-8; MQTT allows at most {MAX_STRING_BYTES}"
-    return None
 
 
 def check_string(text: object, what: str) -> None:
     """Raise `WireError` naming `what` if `text` is not a valid MQTT string."""
     problem = string_problem(text)
     if problem is not None:
-        raise WireError(f"{what} {_shown(text)} {problem}")
+        raise WireError(f"{what} {shown(text)} {problem}")
 
 
 def check_topic_name(topic: object, what: str = "topic") -> None:
@@ -73,7 +48,7 @@ def check_topic_name(topic: object, what: str = "topic") -> None:
     else:
         problem = "contains a wildcard ('+' or '#'); wildcards are for subscriptions, not for publishing"
     if problem is not None:
-        raise WireError(f"{what} {_shown(topic)} {problem}")
+        raise WireError(f"{what} {shown(topic)} {problem}")
 
 
 def publish_properties(properties: Mapping[str, Any]) -> Properties:
@@ -128,45 +103,12 @@ def user_property_pairs(value: Mapping[Any, Any] | Iterable[tuple[Any, Any]]) ->
     return pairs
 
 
-def sanitize(text: str, budget: int = 1024) -> str:
-    """`text` made safe to send: refused characters escaped (newline -> `\\n`, others as `\\xNN`,
-    `\\uNNNN`), then cut on a character boundary to at most `budget` UTF-8 bytes (marked with '…')."""
-    if _REFUSED.search(text) is not None:
-        text = _REFUSED.sub(_escape, text)
-    return truncate(text, budget)
-
-
-def truncate(text: str, budget: int) -> str:
-    """`text` cut to at most `budget` UTF-8 bytes on a character boundary, ending in '…' if cut."""
-    if len(text) * 4 <= budget:
-        return text
-    data = text.encode("utf-8")
-    if len(data) <= budget:
-        return text
-    room = max(0, budget - len(_ELLIPSIS.encode("utf-8")))
-    return data[:room].decode("utf-8", "ignore") + _ELLIPSIS
-
-
-def _escape(match: re.Match[str]) -> str:
-    char = match.group()
-    short = _SHORT_ESCAPES.get(char)
-    if short is not None:
-        return short
-    code = ord(char)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
-def _describe(char: str) -> str:
-    code = ord(char)
-    if code <= 0x1F or 0x7F <= code <= 0x9F:
-        kind = "the NUL character" if code == 0 else "a control character"
-    elif 0xD800 <= code <= 0xDFFF:
-        kind = "a lone surrogate (not valid UTF-8)"
-    else:
-        kind = "a Unicode non-character"
-    return f"{kind} U+{code:04X}"
-
-
-def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+def encode_payload(value: Any) -> bytes:
+    """bytes as-is, str as UTF-8, None as empty, anything else as JSON."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if value is None:
+        return b""
+    return json.dumps(value, separators=(",", ":"), default=str).encode("utf-8")

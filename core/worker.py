@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Callable, Collection, Sequence
 
 if TYPE_CHECKING:
-    from bootstrap.app import Application
+    from core.assembly import Application
     from core.events import FeedCursor
     from core.router import Route
     from core.runtime import Runtime
@@ -186,7 +186,7 @@ async def _serve(spec: WorkerSpec, conn: Connection, early: list[int]) -> int:
 
     settings = load_settings(os.environ).with_overrides(**spec.overrides)
     setup_logging(settings.log_level, settings.log_format, spec.worker_id)
-    from bootstrap.app import Application
+    from core.assembly import Application
 
     app = Application.load(settings)
     shared = app.shared_routes()
@@ -215,7 +215,7 @@ async def _serve(spec: WorkerSpec, conn: Connection, early: list[int]) -> int:
             started = True
             background.append(asyncio.create_task(_announce_ready(runtime, link, stale)))
             if spec.test_mode:
-                from bootstrap.app import stop_when_idle
+                from core.assembly import stop_when_idle
 
                 idle = asyncio.create_task(stop_when_idle(runtime, settings.test_mode_idle))
                 idle.add_done_callback(lambda t: t.cancelled() or stopper("test mode: idle"))

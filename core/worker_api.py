@@ -44,7 +44,7 @@ class WorkerManager:
         default MQTT_CLIENT_ID, with `-<group_name>` added when the group is not MQTT_GROUP_NAME (so
         managers of different groups in one program do not take over each other's sessions); the
         workers add `-w<i>`."""
-        from bootstrap.app import discover_routers
+        from core.discovery import discover_routers
         from core.router import merge_routers
 
         base = settings if settings is not None else load_settings(os.environ)
@@ -74,7 +74,7 @@ class WorkerManager:
     def start_workers(self, num_workers: int | None = None) -> None:
         """Start the worker processes and return: `num_workers`, or as `python main.py --workers` would
         (WORKER_COUNT, else the largest `worker_count`, else one per CPU core); WORKER_AUTO_SCALE applies."""
-        from bootstrap.app import Application
+        from core.assembly import Application
         from core.worker_manager import Supervisor, supervisor_plan
 
         if self._thread is not None and self._thread.is_alive():
@@ -177,7 +177,7 @@ class WorkerManager:
 
     def _check_router_directory(self, shared: list[Any]) -> None:
         """The workers load `router_directory`: it must have the shared routes `router` has."""
-        from bootstrap.app import discover_routers
+        from core.discovery import discover_routers
         from core.router import merge_routers
 
         there = {route.filter for route in merge_routers(discover_routers(self.router_directory)).routes if route.shared}

@@ -31,7 +31,7 @@ from core.autoscale import Autoscaler, ScalePolicy, WorkerLoad
 from core.backoff import backoff_delay
 from core.config import SETTING_NAMES, Settings, load_settings
 from core.events import ingest_from_worker, record_event
-from core.metrics import fold_final
+from core.process_metrics import fold_final
 from core.ordering import check_ordered_routes
 from core.router import Router
 from core.worker import (EXIT_RECYCLE, WorkerSpec, client_id_for, heartbeat_interval, leave_stale, serve_only,
@@ -39,7 +39,7 @@ from core.worker import (EXIT_RECYCLE, WorkerSpec, client_id_for, heartbeat_inte
 from core.worker_api import WorkerManager  # noqa: F401 - the seed's programmatic API, a layer over Supervisor
 
 if TYPE_CHECKING:
-    from bootstrap.app import Application
+    from core.assembly import Application
     from core.router import Route
     from core.stats import ProcessStats
     from core.runtime import Runtime
@@ -379,7 +379,7 @@ class Supervisor:
         self._main_task = asyncio.create_task(runtime.run())
         self._leave_task = asyncio.create_task(leave_stale(runtime, stale))
         if self.test_mode:
-            from bootstrap.app import stop_when_idle
+            from core.assembly import stop_when_idle
 
             self._idle_task = asyncio.create_task(stop_when_idle(runtime, self.settings.test_mode_idle))
 
