@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if workers is not None:
-            from core.worker_manager import run_supervisor
+            from core.supervisor import run_supervisor
 
             from core.http import supervisor_services
 

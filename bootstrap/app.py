@@ -71,7 +71,7 @@ async def serve_single_process(app: Application, *, test_mode: bool = False) -> 
         log.info("embedded broker listening on %s:%d (set MQTT_BROKER to use an external one)",
                  settings.embedded_broker_host, settings.embedded_broker_port)
     from core.adoption import OrphanWatch
-    from core.worker_manager import ParkedSessions
+    from core.parked_sessions import ParkedSessions
 
     runtime = app.make_runtime(app.routes)
     # Every worker id is a leftover here: a run with --workers may have left QoS 1 messages in them.

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Collection
 from core.events import record_event
 from core.mqtt_client import MqttClient, PublishError, Subscription
 from core.orphans import ADOPTION_TOTALS, ORPHAN_PREFIX, notice_filter, notices_enabled, parse_notice
-from core.worker_manager import ParkedSessions
+from core.parked_sessions import ParkedSessions
 
 if TYPE_CHECKING:
     from core.assembly import Application

@@ -148,7 +148,7 @@ class Settings:
     sync_handler_threads: int = 16
     shutdown_timeout: float = 30.0
     routers_package: str = "app.routers"
-    # Workers (used by core.worker_manager).
+    # Workers (used by core.supervisor and core.worker).
     worker_count: int | None = None
     worker_heartbeat_timeout: float = 30.0
     worker_handler_timeout: float = 300.0  # a worker whose oldest handler runs longer is replaced; 0 = off

@@ -32,7 +32,7 @@ from core.status_page import render_charts, render_fragment, render_page, status
 if TYPE_CHECKING:
     from core.router import Route
     from core.runtime import Runtime
-    from core.worker_manager import Supervisor
+    from core.supervisor import Supervisor
 
 log = logging.getLogger("core.http")
 

@@ -41,7 +41,7 @@ from core.process_metrics import (BACKLOG_INTERVAL, LATENCY_BUCKETS, Backlog,  #
 
 if TYPE_CHECKING:
     from core.runtime import Runtime
-    from core.worker_manager import Supervisor
+    from core.supervisor import Supervisor
 
 RATE_WINDOW = 10.0  # seconds of samples behind the rates shown on the status page
 _ROUTE_KEYS = ("handled", "failed", "dead_lettered", "seconds")

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Callable, Collection, Sequence
 
+from core.worker_slots import client_id_for, leave_stale, serve_only  # also imported from here
+
 if TYPE_CHECKING:
     from core.assembly import Application
     from core.events import FeedCursor
@@ -57,11 +59,6 @@ class WorkerSpec:
     @property
     def worker_id(self) -> str:
         return f"w{self.index}"
-
-
-def client_id_for(base: str, index: int) -> str:
-    """The stable MQTT client id of worker `index`."""
-    return f"{base}-w{index}"
 
 
 def select_routes(shared_routes: Sequence["Route"], index: int, all_routes: bool) -> list["Route"]:
@@ -247,7 +244,7 @@ async def retire(app: "Application", runtime: "Runtime", index: int, stopper: _S
     (`ParkedSessions`): what the broker had dealt it before the UNSUBACK is handled, then the
     session is ended (expiry 0). (clean, session ended); a stop signal meanwhile keeps the session.
     """
-    from core.worker_manager import ParkedSessions
+    from core.parked_sessions import ParkedSessions  # late: a new worker says hello before the heavy imports
 
     parked = ParkedSessions(app, index)
     stopper.on_repeat = parked.stop
@@ -267,31 +264,6 @@ async def _first(*awaitables: Any) -> None:
     finally:
         for task in tasks:
             task.cancel()
-
-
-def serve_only(runtime: "Runtime", routes: Sequence["Route"], group: str) -> list[str]:
-    """Subscribe `runtime` to `routes` only, though it knows (and so handles) all its table's routes.
-
-    Returns the other routes' subscriptions: a resumed session of a wider run may still hold them,
-    and what it delivers for them is then handled, not dead-lettered, until `leave_stale` leaves them.
-    """
-    wanted = {route.subscription_topic(group) for route in routes}
-    runtime.client.subscriptions = [sub for sub in runtime.client.subscriptions if sub.topic in wanted]
-    runtime.subscriptions = list(runtime.client.subscriptions)
-    topics = [route.subscription_topic(group) for route in runtime.table.routes if route.subscribe]
-    return [topic for topic in topics if topic not in wanted]
-
-
-async def leave_stale(runtime: "Runtime", stale: Sequence[str]) -> None:
-    """Once ready: unsubscribe `stale` (from `serve_only`) if the session was resumed."""
-    await runtime.wait_ready()
-    if stale and runtime.client.state.session_present:
-        # A resumed session may still hold filters this process no longer serves (a route's
-        # worker_count went down, or a single-process run left its `$share` subscriptions in the
-        # supervisor's session): leave those groups so the broker stops dealing them to us.
-        if await runtime.client.unsubscribe(list(stale)):
-            log.info("left %d shared subscription(s) this process no longer serves, if its session held them: %s",
-                     len(stale), ", ".join(stale))
 
 
 async def _announce_ready(runtime: "Runtime", link: _Link, stale: list[str]) -> None:

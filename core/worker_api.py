@@ -1,6 +1,6 @@
 """The seed's programmatic API: `WorkerManager(router=..., group_name=..., router_directory=...)`.
 
-A thin layer over the supervisor of `python main.py --workers` (`core.worker_manager.Supervisor`):
+A thin layer over the supervisor of `python main.py --workers` (`core.supervisor.Supervisor`):
 `start_workers()` runs one on its own event loop in a background thread and returns, so a program
 can run worker groups next to its own code (several managers with different group names, e.g. one
 per region), and `stop_workers()` drains and joins them. Everything else — spawning, heartbeats,
@@ -25,7 +25,7 @@ from core.config import ConfigError, Settings, load_settings
 from core.router import Router
 
 if TYPE_CHECKING:
-    from core.worker_manager import Supervisor
+    from core.supervisor import Supervisor
 
 log = logging.getLogger("core.worker_manager")
 
@@ -75,7 +75,8 @@ class WorkerManager:
         """Start the worker processes and return: `num_workers`, or as `python main.py --workers` would
         (WORKER_COUNT, else the largest `worker_count`, else one per CPU core); WORKER_AUTO_SCALE applies."""
         from core.assembly import Application
-        from core.worker_manager import Supervisor, supervisor_plan
+        from core.supervisor import Supervisor
+        from core.worker_plan import supervisor_plan
 
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError(f"the workers of group {self.group_name!r} are already running")
