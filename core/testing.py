@@ -42,25 +42,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from paho.mqtt.client import topic_matches_sub
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from core.config import Settings, load_settings
-from core.context import MessageContext, Services
+from core.context import Services
 from core.dispatcher import Dispatcher
-from core.failures import call_with_timeout
-from core.middleware import CallNext, build_chain
-from core.payload import PayloadError, decode_payload, encode_payload
+from core.payload import encode_payload
 from core.router import Route, Router, RouteTable
 from core.stats import ProcessStats
-from core.tracing import outgoing_now as outgoing_trace
+from core.testing_doubles import Delivery, MemoryPublisher, MemoryStreams, Recorder, copy_properties, to_properties
+from core.testing_records import (DeadLetterRecord, HandlerCall, PublishedMessage, PublishResult, StreamDeadLetter,
+                                  StreamEntry, TestClientError)
 from core.wire import check_topic_name, publish_properties
 
 if TYPE_CHECKING:
@@ -68,304 +65,6 @@ if TYPE_CHECKING:
 
 __all__ = ["TestClient", "PublishResult", "PublishedMessage", "DeadLetterRecord", "HandlerCall", "TestClientError",
            "StreamEntry", "StreamDeadLetter"]
-
-
-class TestClientError(AssertionError):
-    """The test client could not finish a publish (a handler hung, or messages loop forever)."""
-
-    __test__ = False
-
-
-@dataclass(frozen=True)
-class PublishedMessage:
-    """A message published by the app (a handler, a response or a dead letter)."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    properties: Mapping[str, Any] = field(default_factory=dict)
-
-    def text(self) -> str:
-        return self.payload.decode("utf-8")
-
-    def json(self) -> Any:
-        return json.loads(self.payload)
-
-    @property
-    def user_properties(self) -> dict[str, str]:
-        items = self.properties.get("user_properties") or ()
-        return dict(items.items() if isinstance(items, Mapping) else items)
-
-    @property
-    def correlation_data(self) -> bytes | None:
-        value = self.properties.get("correlation_data")
-        return value if value is None or isinstance(value, bytes) else str(value).encode()
-
-
-@dataclass(frozen=True)
-class DeadLetterRecord:
-    """A message the dispatcher sent to the dead-letter topic, with why."""
-
-    topic: str  # the dead-letter topic it went to
-    original_topic: str
-    route: str  # the route pattern ("" when no route matched)
-    error_type: str  # e.g. "PayloadError", "Timeout", "PayloadValidationError", or the exception's class name
-    error: str
-    payload: bytes  # the original payload
-    attempts: int = 0  # handler calls made before it was dead-lettered (0: the handler never ran)
-
-
-@dataclass(frozen=True)
-class HandlerCall:
-    """One run of a route's chain (middleware + handler) for one delivered copy."""
-
-    route: str
-    topic: str
-    params: dict[str, str]
-    payload: Any  # as the chain received it (decoded)
-    result: Any = None
-    error: BaseException | None = None  # asyncio.CancelledError when the route's timeout cancelled it
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass(frozen=True)
-class StreamEntry:
-    """An entry appended to an in-memory stream (by a `stream=` route, or by `feed_stream`)."""
-
-    stream: str
-    id: str
-    fields: Mapping[str, Any]  # as they would be stored in Redis (bridged entries: topic, params, payload, headers, route)
-
-
-@dataclass(frozen=True)
-class StreamDeadLetter:
-    """An entry the stream consumer moved to `<stream>:dlq` (a DeadLetter, or out of retries)."""
-
-    stream: str  # the dead-letter stream, `<stream>:dlq`
-    original_stream: str
-    entry_id: str
-    route: str  # pattern of the route whose handler failed ("" when none matched)
-    error_type: str
-    error: str
-    attempts: int
-    fields: Mapping[str, Any]  # the original entry
-
-
-@dataclass
-class PublishResult:
-    """What happened while one `publish()` was handled (including what the handlers caused)."""
-
-    topic: str
-    delivered_to: list[str]  # route patterns the published message itself was delivered to
-    calls: list[HandlerCall]
-    published: list[PublishedMessage]
-    dead_letters: list[DeadLetterRecord]
-    response_topic: str | None = None
-    stream_dead_letters: list[StreamDeadLetter] = field(default_factory=list)
-
-    @property
-    def responses(self) -> list[PublishedMessage]:
-        """Messages published to the response topic given to `publish()`."""
-        if self.response_topic is None:
-            return []
-        return [m for m in self.published if m.topic == self.response_topic]
-
-    @property
-    def result(self) -> Any:
-        """The return value of the handler, when exactly one route handled the published message."""
-        own = [c for c in self.calls if c.topic == self.topic]
-        if len(own) != 1:
-            raise TestClientError(f"{len(own)} handler calls on {self.topic!r}; look at .calls instead")
-        if own[0].error is not None:
-            raise TestClientError(f"the handler of {own[0].route!r} failed: {own[0].error!r}")
-        return own[0].result
-
-
-class _Delivery:
-    """A delivered copy, shaped like the paho message the dispatcher reads."""
-
-    __slots__ = ("topic", "payload", "qos", "retain", "dup", "mid", "properties")
-
-    def __init__(self, topic: str, payload: bytes, qos: int, mid: int, properties: Properties | None) -> None:
-        self.topic = topic
-        self.payload = payload
-        self.qos = qos
-        self.retain = False  # live deliveries carry retain=0 (no Retain As Published)
-        self.dup = False
-        self.mid = mid
-        self.properties = properties
-
-
-_FORWARDED = ("ResponseTopic", "CorrelationData", "UserProperty", "ContentType", "PayloadFormatIndicator",
-              "MessageExpiryInterval")
-
-
-def _to_properties(properties: Mapping[str, Any] | None) -> Properties:
-    return publish_properties(properties or {})
-
-
-def _copy_properties(source: Properties, subscription_id: int) -> Properties:
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    for name in _FORWARDED:
-        value = getattr(source, name, None)
-        if value not in (None, []):
-            setattr(props, name, value)
-    props.SubscriptionIdentifier = [subscription_id]
-    return props
-
-
-class _Recorder:
-    """Outermost middleware of every route under test: records each chain run and its outcome."""
-
-    def __init__(self, client: "TestClient") -> None:
-        self._client = client
-
-    async def handle(self, context: MessageContext, call_next: CallNext) -> Any:
-        payload = context.payload
-        try:
-            result = await call_next(context)
-        except BaseException as exc:
-            self._client._calls.append(HandlerCall(context.route.pattern, context.topic, dict(context.params), payload,
-                                                   None, exc))
-            raise
-        self._client._calls.append(HandlerCall(context.route.pattern, context.topic, dict(context.params), payload,
-                                               result))
-        return result
-
-
-class _MemoryPublisher:
-    """Stands in for `MqttClient` as the handlers' publisher: records, then delivers like a broker."""
-
-    def __init__(self, client: "TestClient") -> None:
-        self._client = client
-
-    async def publish(self, topic: str, payload: Any = None, qos: int = 0, retain: bool = False, *,
-                      properties: dict[str, Any] | None = None) -> None:
-        if self._client.settings.mqtt_v5:  # as MqttClient: a handler's publishes carry its trace context
-            properties = outgoing_trace(properties, topic)
-        self._client._publish_from_app(topic, encode_payload(payload), qos, retain, dict(properties or {}))
-
-    def publish_sync(self, topic: str, payload: Any = None, qos: int = 0, retain: bool = False, *,
-                     properties: dict[str, Any] | None = None, timeout: float | None = 30.0) -> None:
-        loop = self._client._loop
-        assert loop is not None
-        if threading.get_ident() == self._client._loop_thread:
-            raise RuntimeError("publish_sync() would block the event loop; use `await client.publish(...)` here")
-        if self._client.settings.mqtt_v5:  # the handler's trace lives in this thread's context
-            properties = outgoing_trace(properties, topic)
-        coro = self.publish(topic, payload, qos, retain, properties=properties)
-        asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
-
-
-class _MemoryStreams:
-    """Stands in for the StreamWriter and the stream consumers: Redis Streams in this process's memory.
-
-    An appended entry is handled at once by the routes of its stream, the way `StreamConsumer` runs
-    them (decoded entry, same handler arguments, middleware, the route's timeout, up to
-    STREAM_MAX_RETRIES retries, then `<stream>:dlq`), except that retries do not wait
-    STREAM_RETRY_DELAY.
-    """
-
-    def __init__(self, client: "TestClient") -> None:
-        self._client = client
-        self._ids = itertools.count(1)
-        self._chains: dict[int, CallNext] = {}
-
-    def consumers(self, stream: str) -> list[Route]:
-        return [r for r in self._client.routes if r.stream == stream]
-
-    async def append(self, stream: str, fields: dict[str, Any]) -> str:
-        """What `bridge_call` awaits: "XADD", then consume in the background (the MQTT ack does not wait)."""
-        entry = StreamEntry(stream, f"{next(self._ids)}-0", dict(fields))
-        self._client.streams.setdefault(stream, []).append(entry)
-        self._client._track(self._consume(entry))
-        return entry.id
-
-    def _endpoint(self, routes: list[Route], route_pattern: str | None, topic: str) -> Route | None:
-        # As StreamConsumer._endpoint_for: the bridging route by pattern, else by topic; external entries
-        # go to the `Router.stream` consumer, else to the stream's first route.
-        if route_pattern is not None:
-            for route in routes:
-                if route.pattern == route_pattern:
-                    return route
-            for route in routes:
-                if route.subscribe and route.match(topic) is not None:
-                    return route
-            return None
-        external = [r for r in routes if not r.subscribe]
-        return (external or routes)[0]
-
-    def _chain(self, route: Route) -> CallNext:
-        chain = self._chains.get(id(route))
-        if chain is None:
-            from core.streams import handler_call
-
-            assert self._client._executor is not None
-            chain = self._chains[id(route)] = build_chain(route.middleware, handler_call(route, self._client._executor))
-        return chain
-
-    async def _call(self, route: Route, context: MessageContext) -> Any:
-        chain = self._chain(route)
-        if route.timeout is None:
-            return await chain(context)
-        return await call_with_timeout(chain, context, route.timeout)
-
-    async def _consume(self, entry: StreamEntry) -> None:
-        from core.streams import StreamDelivery, decode_entry
-
-        from core.retry import DEAD_LETTER, TRANSIENT, stream_retry
-
-        client = self._client
-        routes = self.consumers(entry.stream)
-        default = stream_retry(client.settings.stream_max_retries, client.settings.stream_retry_delay)
-        route: Route | None = None
-        attempt = 1
-        while True:
-            try:
-                message = decode_entry(entry.stream, dict(entry.fields))
-                route = self._endpoint(routes, message.route, message.topic)
-                if route is None:
-                    raise LookupError(f"no route of stream {entry.stream!r} matches route {message.route!r} / "
-                                      f"topic {message.topic!r}")
-                payload = decode_payload(message.raw, route.payload_format)
-            except (PayloadError, LookupError) as exc:
-                self._dead_letter(entry, route, attempt, exc)
-                return
-            context = MessageContext(message.topic, message.params, payload, message.raw, message.qos,
-                                     message.retain, attempt > 1, message.properties, route, client.services)
-            context.state["stream"] = StreamDelivery(entry.stream, entry.id, attempt)
-            try:
-                result = await self._call(route, context)
-            except Exception as exc:
-                policy = route.retry or default
-                kind = policy.classify(exc)
-                if kind == TRANSIENT:  # held: retried without counting an attempt, as StreamConsumer does
-                    await asyncio.sleep(0.1 if client.retry_delays else 0.001)
-                    continue
-                if kind == DEAD_LETTER or attempt > policy.retries:
-                    self._dead_letter(entry, route, attempt, exc)
-                    return
-                if client.retry_delays:
-                    await asyncio.sleep(policy.delay(attempt))
-                attempt += 1
-                continue
-            if result is not None and context.response_topic:
-                properties = {"correlation_data": context.correlation_data} if context.correlation_data is not None else None
-                await client.services.publisher.publish(context.response_topic, result, 1 if context.qos else 0, False,
-                                                        properties=properties)
-            return
-
-    def _dead_letter(self, entry: StreamEntry, route: Route | None, attempts: int, error: BaseException) -> None:
-        from core.streams import DLQ_SUFFIX
-
-        self._client.stream_dead_letters.append(StreamDeadLetter(
-            entry.stream + DLQ_SUFFIX, entry.stream, entry.id, route.pattern if route is not None else "",
-            type(error).__name__, f"{type(error).__name__}: {error}", attempts, entry.fields,
-        ))
 
 
 class TestClient:
@@ -402,12 +101,12 @@ class TestClient:
         self.timeout = timeout
         self.max_deliveries = max_deliveries
         self.retry_delays = retry_delays  # False: retries run without their backoff waits
-        recorder = _Recorder(self)
+        recorder = Recorder(self)
         self.routes: list[Route] = [dataclasses.replace(r, middleware=(recorder, *r.middleware)) for r in routes]
         self.table = RouteTable(self.routes)
         self.stats = ProcessStats()
-        self.services = Services(_MemoryPublisher(self), worker_id)
-        self._streams = _MemoryStreams(self)
+        self.services = Services(MemoryPublisher(self), worker_id)
+        self._streams = MemoryStreams(self)
         self.streams: dict[str, list[StreamEntry]] = {}  # in-memory streams: what was appended, by name
         self.stream_dead_letters: list[StreamDeadLetter] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -515,7 +214,7 @@ class TestClient:
         self._overflow = False
         properties = {"response_topic": response_topic, "correlation_data": correlation_data,
                       "user_properties": user_properties}
-        delivered_to = self._deliver(topic, encode_payload(payload), qos, _to_properties(properties))
+        delivered_to = self._deliver(topic, encode_payload(payload), qos, to_properties(properties))
         await self._wait_idle(topic)
         if self._overflow:
             raise TestClientError(
@@ -599,14 +298,14 @@ class TestClient:
         if self.v5:
             for index, route in matching:
                 copy_qos = min(qos, route.qos)
-                self._submit(_Delivery(topic, payload, copy_qos, self._next_mid(copy_qos),
-                                       _copy_properties(properties, index + 1)))
+                self._submit(Delivery(topic, payload, copy_qos, self._next_mid(copy_qos),
+                                       copy_properties(properties, index + 1)))
         else:
             copy_qos = min(qos, max(route.qos for _, route in matching))
-            self._submit(_Delivery(topic, payload, copy_qos, self._next_mid(copy_qos), None))
+            self._submit(Delivery(topic, payload, copy_qos, self._next_mid(copy_qos), None))
         return [route.pattern for _, route in matching]
 
-    def _submit(self, delivery: _Delivery) -> None:
+    def _submit(self, delivery: Delivery) -> None:
         assert self._dispatcher is not None
         self._submitted += 1
         self._dispatcher.submit(delivery, 0)
@@ -638,7 +337,7 @@ class TestClient:
         if record is not None:
             self.dead_letters.append(record)
         if self.loopback:
-            self._deliver(topic, payload, qos, _to_properties(
+            self._deliver(topic, payload, qos, to_properties(
                 {k: v for k, v in properties.items() if k in ("response_topic", "correlation_data", "user_properties")}))
 
     def _as_dead_letter(self, message: PublishedMessage) -> DeadLetterRecord | None:
