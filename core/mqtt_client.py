@@ -8,7 +8,8 @@ in arrival order once the handlers have finished.
 Threading: paho is used from the network thread only. The loop thread hands acks, publishes and
 the final disconnect over as commands in a deque and wakes the network thread once per batch, so
 paho writes each packet straight to the socket with no extra wake-up per packet and no two
-threads ever write to the socket at once.
+threads ever write to the socket at once. The network thread's loop is `core.mqtt_network`, paho's
+callbacks are `core.mqtt_callbacks` (both parts of `MqttClient`).
 """
 
 from __future__ import annotations
@@ -16,13 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
-import select
 import socket
 import ssl
 import struct
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
@@ -33,10 +31,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from core.backoff import backoff_delay
 from core.config import Settings
+from core.mqtt_callbacks import PahoCallbacks, PublishError  # PublishError: also imported from here
+from core.mqtt_network import NetworkThread
 from core.mqtt_properties import install as install_fast_properties
 from core.mqtt_reader import PacketReader
 from core.orphans import DISCONNECT_WITH_WILL, notice_payload, notice_topic, notices_enabled
@@ -53,10 +51,6 @@ MessageCallback = Callable[[paho.MQTTMessage, int], None]
 
 _ACK_PACKET = struct.Struct("!BBH")  # fixed header, remaining length 2, packet id
 _PUBACK, _PUBCOMP = 0x40, 0x70
-
-
-class PublishError(RuntimeError):
-    """The broker refused a publish, or the client could not queue it."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +73,7 @@ class ConnectionState:
     lost: bool = False  # the connection dropped and, with reconnect=False, is not made again
 
 
-class MqttClient:
+class MqttClient(NetworkThread, PahoCallbacks):
     """One MQTT connection for one process."""
 
     def __init__(
@@ -281,266 +275,6 @@ class MqttClient:
             if not fut.done():
                 fut.set_exception(PublishError("client stopped before the broker acknowledged the publish"))
 
-    def _network_main(self) -> None:
-        s = self.settings
-        host, port = s.broker_host, s.broker_port
-        attempt = 0
-        first = True
-        while not self._stopping:
-            try:
-                if first:
-                    props = None
-                    if self.v5:
-                        props = Properties(PacketTypes.CONNECT)
-                        props.SessionExpiryInterval = self._session_expiry
-                        props.ReceiveMaximum = min(65535, self._receive_maximum)
-                    self._info("%s: connecting to %s:%s as %r", self._name, host, port, self.client_id)
-                    self._paho.connect(
-                        host, port, keepalive=s.mqtt_keepalive, properties=props,
-                        **({"clean_start": self._clean_start} if self.v5 else {}),
-                    )
-                    first = False
-                else:
-                    self._paho.reconnect()
-                self._guard.before_connack()
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                first = first and not isinstance(exc, OSError)
-                delay = backoff_delay(attempt, s.mqtt_reconnect_min, s.mqtt_reconnect_max, random.random)
-                self.state.last_error = str(exc)
-                log.warning("%s: cannot connect to %s:%s (%s); retrying in %.1f s", self._name, host, port, exc, delay)
-                attempt += 1
-                self._sleep_running_commands(delay)
-                continue
-            rc = self._io_loop()
-            if self.state.connected:
-                attempt = 0
-            if self._stopping or self._closing:
-                break
-            self._give_up(self._guard.connection_lost())
-            if self._guard.probing:
-                attempt = 0  # each reconnect narrows the search down: no need to back off further
-            if not self._reconnect and self.state.connects:
-                # An adoption (core/adoption.py) never comes back: the session may have been taken over.
-                self.state.lost = True
-                self._info("%s: connection to %s:%s lost (%s); not reconnecting", self._name, host, port,
-                           paho.error_string(rc))
-                break
-            delay = backoff_delay(attempt, s.mqtt_reconnect_min, s.mqtt_reconnect_max, random.random)
-            log.warning("%s: connection to %s:%s lost (%s); reconnecting in %.1f s", self._name, host, port,
-                        paho.error_string(rc), delay)
-            attempt += 1
-            self._sleep_running_commands(delay)
-        self._run_commands()
-
-    def _io_loop(self) -> int:
-        """Serve one connection until it drops or we stop; returns paho's error code.
-
-        Like paho's `loop()`, but it reads every packet already buffered before handing the
-        batch to the application (one wake-up of the event loop per batch, not per message) and
-        wakes on our own pipe when the loop thread queues commands.
-        """
-        p = self._paho
-        wake_r = self._wake_r
-        may_read = self._may_read
-        reader = self._reader
-        reader.reset()  # a new connection
-        rc = paho.MQTT_ERR_SUCCESS
-        while not self._stopping:
-            sock = p.socket()
-            if sock is None:
-                return paho.MQTT_ERR_NO_CONN
-            if self._commands or self._acks:
-                self._run_commands()
-            # Backpressure: while the application has no room, leave what the broker sends in the
-            # socket (TCP flow control holds the broker back) but keep writing acks and pings, and
-            # read while a PINGREQ waits for its answer: paho drops a connection whose PINGRESP
-            # does not arrive within the keepalive (a well-behaved broker sends no more messages
-            # beyond Receive Maximum meanwhile).
-            reading = may_read() or p._ping_t != 0
-            # Packets already in our buffer, or (TLS) bytes already decrypted: select() cannot see them.
-            pending = getattr(sock, "pending", None)
-            timeout = 0.0 if reading and (reader.has_packet() or (pending is not None and pending())) else 1.0
-            try:
-                readable, writable, _ = select.select([sock, wake_r] if reading else [wake_r],
-                                                      [sock] if p.want_write() else [], [], timeout)
-            except (OSError, ValueError, TypeError):
-                return paho.MQTT_ERR_CONN_LOST
-            if wake_r in readable:
-                try:
-                    wake_r.recv(4096)
-                except BlockingIOError:
-                    pass
-            if reading and (sock in readable or timeout == 0.0):
-                rc = self._read_batch()
-                if self._on_batch_end is not None:
-                    self._on_batch_end()
-                if rc != paho.MQTT_ERR_SUCCESS:
-                    return rc
-            if self._commands or self._acks:
-                self._run_commands()
-            if p.want_write() or sock in writable:
-                rc = p.loop_write()
-                if rc != paho.MQTT_ERR_SUCCESS:
-                    return rc
-            rc = p.loop_misc()
-            if rc != paho.MQTT_ERR_SUCCESS:
-                return rc
-        return rc
-
-    def _read_batch(self, limit: int = 512) -> int:
-        # One recv() for whatever the socket has, then every complete packet in it (core.mqtt_reader).
-        if self._paho._sock is None:
-            return paho.MQTT_ERR_NO_CONN
-        return self._reader.read(self._paho, self._may_read, limit)
-
-    def _sleep_running_commands(self, delay: float) -> None:
-        # While disconnected, publishes still queue up in paho (sent after the reconnect).
-        deadline = time.monotonic() + delay
-        while not self._stopping and not self._closing:
-            self._wake.clear()
-            self._run_commands()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self._wake.wait(left)
-
-    # -- callbacks (network thread) -------------------------------------------------------------
-
-    def _emit(self, event: str) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            loop.call_soon_threadsafe(self._emit_on_loop, event)
-        except RuntimeError:
-            pass  # loop closed during shutdown
-
-    def _emit_on_loop(self, event: str) -> None:
-        if event == "connected" and self._connected_event is not None:
-            self._connected_event.set()
-        elif event == "subscribed" and self._subscribed_event is not None:
-            self._subscribed_event.set()
-        elif event == "disconnected":
-            if self._connected_event is not None:
-                self._connected_event.clear()
-            if self._subscribed_event is not None:
-                self._subscribed_event.clear()
-        for listener in self._state_listeners:
-            try:
-                listener(event)
-            except Exception:
-                log.exception("%s: state listener failed on %r", self._name, event)
-
-    def _handle_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
-        if reason.is_failure:
-            self.state.last_error = str(reason)
-            log.error("%s: broker refused the connection: %s", self._name, reason)
-            return
-        self._generation += 1
-        self.state.connected = True
-        self._guard.connected()
-        _disable_nagle(client.socket())
-        had_session = self._keeps_session and (self.state.connects > 0 or self.expect_session)
-        self.state.connects += 1
-        self.state.session_present = bool(flags.session_present)
-        if self.v5 and properties is not None:
-            available = getattr(properties, "SubscriptionIdentifierAvailable", 1)
-            self.subscription_ids_available = bool(available)
-        if had_session and not self.state.session_present:
-            self.state.sessions_lost += 1
-            log.warning(
-                "%s: connected to %s:%s as %r, but the broker dropped the session this client had (restarted without "
-                "saving it, or it expired): the messages queued in it for this client are lost; subscribing again",
-                self._name, self.settings.broker_host, self.settings.broker_port, self.client_id,
-            )
-        else:
-            self._info(
-                "%s: connected to %s:%s as %r (%s session)", self._name, self.settings.broker_host,
-                self.settings.broker_port, self.client_id, "resumed" if self.state.session_present else "new",
-            )
-        self._emit("connected")
-        if self._notice_topic is not None:
-            # This id is back: its notice (if the grace ran out meanwhile) no longer stands.
-            client.publish(self._notice_topic, b"", qos=1, retain=True)
-        self._subscribe_all()
-
-    def _subscribe_all(self) -> None:
-        self.state.subscribed = False
-        self._pending_subacks.clear()
-        if not self.subscriptions:
-            self.state.subscribed = True
-            self._emit("subscribed")
-            return
-        if self.v5:
-            for sub in self.subscriptions:
-                props = None
-                if self.subscription_ids_available:
-                    props = Properties(PacketTypes.SUBSCRIBE)
-                    props.SubscriptionIdentifier = sub.subscription_id
-                rc, mid = self._paho.subscribe(sub.topic, options=SubscribeOptions(qos=sub.qos), properties=props)
-                if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
-                    self._pending_subacks[mid] = [sub]
-        else:
-            rc, mid = self._paho.subscribe([(sub.topic, sub.qos) for sub in self.subscriptions])
-            if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
-                self._pending_subacks[mid] = list(self.subscriptions)
-
-    def _handle_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode], properties: Any) -> None:
-        subs = self._pending_subacks.pop(mid, None)
-        if subs is None:
-            return
-        for sub, code in zip(subs, reason_codes):
-            if code.is_failure:
-                log.error("%s: broker refused the subscription %r (qos %d): %s", self._name, sub.topic, sub.qos, code)
-        if not self._pending_subacks:
-            self.state.subscribed = True
-            self._info("%s: subscribed to %d filter(s)", self._name, len(self.subscriptions))
-            self._emit("subscribed")
-
-    def _handle_unsubscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
-        fut = self._pending_unsubacks.pop(mid, None)
-        if fut is not None:
-            self._settle(fut, None)
-
-    def _handle_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        if self._closing:
-            _close_gracefully(sock, 2.0)
-
-    def _handle_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
-        was_connected = self.state.connected
-        if self._closing:
-            self._stopping = True
-        self.state.connected = False
-        self.state.subscribed = False
-        if was_connected:
-            self.state.disconnects += 1
-            if self._closing:
-                self._info("%s: disconnected", self._name)
-            else:
-                log.warning("%s: disconnected from broker: %s", self._name, reason)
-            self._emit("disconnected")
-
-    def _handle_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        self._on_message(message, self._generation)
-
-    def _handle_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:
-        if self._guard.probing:
-            self._guard.acknowledged(mid)
-        fut = self._pending_publishes.pop(mid, None)
-        if fut is not None:
-            failed = reason is not None and getattr(reason, "is_failure", False)
-            self._settle(fut, PublishError(f"broker refused the publish: {reason}") if failed else None)
-
-    def _give_up(self, messages: list[paho.MQTTMessage]) -> None:
-        for message in messages:
-            self.state.publishes_abandoned += 1
-            log.error("%s: giving up on the publish to %r (mid %d): the broker closed the connection each time it was "
-                      "sent (see the broker's log for why)", self._name, message.topic, message.mid)
-            fut = self._pending_publishes.pop(message.mid, None)
-            if fut is not None:
-                self._settle(fut, PublishError(
-                    f"publish to {message.topic!r} abandoned: the broker closed the connection each time it was sent"))
-
     # -- API (loop thread) ----------------------------------------------------------------------
 
     def ack(self, mid: int, qos: int, generation: int) -> None:
@@ -685,37 +419,6 @@ class MqttClient:
 
 def _always() -> bool:
     return True
-
-
-def _disable_nagle(sock: Any) -> None:
-    """Send each packet at once (TCP_NODELAY).
-
-    With Nagle's algorithm a small PUBACK written while an earlier segment is unacknowledged waits
-    for the peer's delayed ACK (tens of ms): the broker then holds back further messages, which
-    showed as 15-20 ms QoS 1 latency spikes at modest rates.
-    """
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass  # not a TCP socket (e.g. a test double): nothing to tune
-
-
-def _close_gracefully(sock: Any, timeout: float) -> None:
-    """After our DISCONNECT: half-close, then read (and drop) until the broker closes its side.
-
-    Closing a socket that still has unread data (messages the broker kept sending) makes the
-    kernel reset the connection, and the broker then discards what it had not read yet: the last
-    PUBACKs and the DISCONNECT. Those messages would be delivered again to the next session.
-    """
-    deadline = time.monotonic() + timeout
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        while (left := deadline - time.monotonic()) > 0:
-            readable, _, _ = select.select([sock], [], [], left)
-            if readable and not sock.recv(65536):
-                return
-    except (OSError, ValueError):
-        pass
 
 
 def _settle_future(fut: asyncio.Future[None], error: BaseException | None) -> None:
