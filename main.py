@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
-    from core.config import Settings
+    from core.foundation.config import Settings
 
 HELP_EPILOG = """\
 commands:
@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from core.config import ConfigError, load_settings_from_environment
-    from core.logging_setup import setup_logging
+    from core.foundation.config import ConfigError, load_settings_from_environment
+    from core.foundation.logging_setup import setup_logging
 
     try:
         settings = load_settings_from_environment(args.env_file)
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     port_was_set = bool(os.environ.get("EMBEDDED_BROKER_PORT", "").strip())
 
     if args.command == "publish":
-        from core.cli_tools import publish_once
+        from core.operations.cli_tools import publish_once
 
         if len(args.args) != 2:
             print("usage: python main.py publish TOPIC PAYLOAD [--qos N] [--retain]", file=sys.stderr)
@@ -87,12 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return publish_once(settings, args.args[0], args.args[1], args.qos, args.retain)
 
     if args.command == "routes":
-        from core.cli_tools import routes_command
+        from core.operations.cli_tools import routes_command
 
         return routes_command(settings)  # listing is not serving: stream routes need no ENABLE_REDIS here
 
     if args.command == "asyncapi":
-        from core.cli_tools import asyncapi_command
+        from core.operations.cli_tools import asyncapi_command
 
         return asyncapi_command(settings, args.doc_format, args.output, args.api_version)
 
@@ -106,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from bootstrap.app import choose_embedded_broker_port
-    from core.embedded_broker import EmbeddedBrokerError
-    from core.http import OpsServerError
+    from core.transport.embedded_broker import EmbeddedBrokerError
+    from core.operations.http import OpsServerError
 
     if settings.uses_embedded_broker:
         settings = choose_embedded_broker_port(settings, port_was_set)
@@ -123,9 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if workers is not None:
-            from core.supervisor import run_supervisor
+            from core.processes.supervisor import run_supervisor
 
-            from core.http import supervisor_services
+            from core.operations.http import supervisor_services
 
             code = run_supervisor(app, workers=workers or None, test_mode=args.test_mode, env_file=args.env_file,
                                   services=supervisor_services(settings))

@@ -30,9 +30,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.raw_clients import publish_backlog  # noqa: E402
-from core.config import load_settings  # noqa: E402
+from core.foundation.config import load_settings  # noqa: E402
 from core.router import Router  # noqa: E402
-from core.runtime import Runtime  # noqa: E402
+from core.runtime.runtime import Runtime  # noqa: E402
 from tests.support.servers import MosquittoServer  # noqa: E402
 
 

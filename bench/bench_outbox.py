@@ -3,7 +3,7 @@
 Run:  .venv/bin/python -m bench.bench_outbox [--count 3000] [--concurrency 50] [--repeat 3]
       [--backends sqlite,postgresql]
 
-One process, one private Mosquitto, one MQTT connection (`core.mqtt_client.MqttClient`), one
+One process, one private Mosquitto, one MQTT connection (`core.transport.mqtt_client.MqttClient`), one
 database engine. ``--concurrency`` tasks play handlers, ``--count`` "orders" in all:
 
 - raw: ``INSERT`` the order and commit, then ``await client.publish(topic, payload, qos=1)``
@@ -35,10 +35,10 @@ if __package__ in (None, ""):
 
 from sqlalchemy import Column, Integer, MetaData, Table, text  # noqa: E402
 
-from core.config import load_settings  # noqa: E402
-from core.database import Database  # noqa: E402
-from core.mqtt_client import MqttClient  # noqa: E402
-from core.outbox import OutboxProcessor, UnitOfWork, outbox_table  # noqa: E402
+from core.foundation.config import load_settings  # noqa: E402
+from core.integrations.database import Database  # noqa: E402
+from core.transport.mqtt_client import MqttClient  # noqa: E402
+from core.integrations.outbox import OutboxProcessor, UnitOfWork, outbox_table  # noqa: E402
 from tests.apps.streams_support.harness import Collector  # noqa: E402
 from tests.support.servers import MosquittoServer  # noqa: E402
 

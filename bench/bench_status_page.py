@@ -25,9 +25,9 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from core.charts import history_charts
-from core.history import History
-from core.metrics import LATENCY_BUCKETS, Aggregator, ProcessInfo, SystemSample
+from core.operations.charts import history_charts
+from core.operations.history import History
+from core.operations.metrics import LATENCY_BUCKETS, Aggregator, ProcessInfo, SystemSample
 
 
 class SimulatedSupervisor:

@@ -25,7 +25,7 @@ from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
 from bench.bench_ordering import Handler, drain_arguments, drain_rate, trivial_handler  # noqa: E402
-from core import tracing  # noqa: E402
+from core.foundation import tracing  # noqa: E402
 from tests.support.servers import MosquittoServer  # noqa: E402
 
 

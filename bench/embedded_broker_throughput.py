@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from core.embedded_broker import EmbeddedBroker  # noqa: E402
+from core.transport.embedded_broker import EmbeddedBroker  # noqa: E402
 
 HOST = "127.0.0.1"
 

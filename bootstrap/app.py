@@ -1,5 +1,5 @@
 """`python main.py` in one process: the composition on top of `core` (the app itself is assembled by
-`core.assembly`, which every worker process uses too; its names are importable from here).
+`core.processes.assembly`, which every worker process uses too; its names are importable from here).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import threading
 import time
 from typing import Callable
 
-from core.assembly import Application, HookFactory, feature_hooks, stop_when_idle  # noqa: F401 - also imported from here
-from core.config import Settings
-from core.discovery import DiscoveryError, discover_routers  # noqa: F401 - also imported from here
-from core.runtime import Runtime
+from core.processes.assembly import Application, HookFactory, feature_hooks, stop_when_idle  # noqa: F401 - also imported from here
+from core.foundation.config import Settings
+from core.routing.discovery import DiscoveryError, discover_routers  # noqa: F401 - also imported from here
+from core.runtime.runtime import Runtime
 
 log = logging.getLogger("bootstrap")
 
@@ -61,7 +61,7 @@ async def serve_single_process(app: Application, *, test_mode: bool = False) -> 
 
     Returns the exit code: 0 after a clean drain, 1 if handlers had to be cancelled.
     """
-    from core.embedded_broker import EmbeddedBroker
+    from core.transport.embedded_broker import EmbeddedBroker
 
     settings = app.settings
     broker = None
@@ -70,8 +70,8 @@ async def serve_single_process(app: Application, *, test_mode: bool = False) -> 
         await broker.start()
         log.info("embedded broker listening on %s:%d (set MQTT_BROKER to use an external one)",
                  settings.embedded_broker_host, settings.embedded_broker_port)
-    from core.adoption import OrphanWatch
-    from core.parked_sessions import ParkedSessions
+    from core.processes.adoption import OrphanWatch
+    from core.processes.parked_sessions import ParkedSessions
 
     runtime = app.make_runtime(app.routes)
     # Every worker id is a leftover here: a run with --workers may have left QoS 1 messages in them.
@@ -98,7 +98,7 @@ async def serve_single_process(app: Application, *, test_mode: bool = False) -> 
     ops = None
     clean = parked_clean = False
     try:
-        from core.http import start_for_runtime  # /health, /ready, /metrics, / when HTTP_PORT is set
+        from core.operations.http import start_for_runtime  # /health, /ready, /metrics, / when HTTP_PORT is set
 
         ops = await start_for_runtime(settings, runtime, app.routes)
         clean = await runtime.run()

@@ -1,20 +1,5 @@
-"""The base class users extend for their controllers.
+"""`from core.controller import Controller`: the public path of the controller base class (`core.routing.controller`)."""
 
-A controller is a namespace for handlers: usually `@staticmethod async def` methods whose
-argument names select what the framework passes (route parameters by name, plus `payload`,
-`topic`, `client` and `context`). See `core.handler` for the binding rules.
-"""
+from core.routing.controller import Controller
 
-from __future__ import annotations
-
-import logging
-
-
-class Controller:
-    """Base class for controllers; gives each subclass a logger named after it."""
-
-    logger: logging.Logger = logging.getLogger("app.controllers")
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.logger = logging.getLogger(f"app.controllers.{cls.__name__}")
+__all__ = ["Controller"]

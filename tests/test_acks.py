@@ -7,7 +7,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.acks import AckSequencer
+from core.transport.acks import AckSequencer
 
 
 def make() -> tuple[AckSequencer, list[tuple[int, int, int]]]:

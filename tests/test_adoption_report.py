@@ -8,10 +8,12 @@ from typing import Any, Iterator
 
 import pytest
 
-from core import adoption, events, orphans
-from core.adoption import OrphanWatch
-from core.config import load_settings
-from core.events import recent_events
+from core.processes import adoption
+from core.runtime import events
+from core.transport import orphans
+from core.processes.adoption import OrphanWatch
+from core.foundation.config import load_settings
+from core.runtime.events import recent_events
 
 
 class FakeParked:

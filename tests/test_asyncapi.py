@@ -12,8 +12,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from core.asyncapi import build_document
-from core.config import load_settings
+from core.operations.asyncapi import build_document
+from core.foundation.config import load_settings
 from core.router import Route, Router
 from tests.support.rt_app import base_env, run_main
 
@@ -220,7 +220,7 @@ def test_dead_letter_and_response_channels() -> None:
 
 
 def test_the_example_app_document_is_valid() -> None:
-    from core.cli_tools import load_routes
+    from core.operations.cli_tools import load_routes
 
     validate(build_document(load_routes(settings()), settings()))
 

@@ -1,4 +1,4 @@
-"""The autoscaler's decisions (core/autoscale.py), fed with samples: no processes, no clock."""
+"""The autoscaler's decisions (core/processes/autoscale.py), fed with samples: no processes, no clock."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from core.autoscale import Autoscaler, LoadMeter, ScalePolicy, WorkerLoad, add_metric_families
-from core.config import ConfigError, load_settings
-from core.metrics import Aggregator, ProcessInfo, SystemSample, fold_final
-from core.stats import ProcessStats
+from core.processes.autoscale import Autoscaler, LoadMeter, ScalePolicy, WorkerLoad, add_metric_families
+from core.foundation.config import ConfigError, load_settings
+from core.operations.metrics import Aggregator, ProcessInfo, SystemSample, fold_final
+from core.runtime.stats import ProcessStats
 from core.worker_manager import WorkerPlan, autoscale_plan
 
 POLICY = ScalePolicy(min_count=1, max_count=4, up_at=0.8, down_at=0.3, up_window=2.0, down_window=5.0, cooldown=3.0)

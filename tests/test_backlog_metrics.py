@@ -1,4 +1,4 @@
-"""Outbox and stream numbers in core.metrics without servers: the Backlog extension and the export."""
+"""Outbox and stream numbers in core.operations.metrics without servers: the Backlog extension and the export."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.metrics import Aggregator, ProcessInfo, SystemSample, backlog_of, render_metrics, start_backlog
-from core.stats import ProcessStats
+from core.operations.metrics import Aggregator, ProcessInfo, SystemSample, backlog_of, render_metrics, start_backlog
+from core.runtime.stats import ProcessStats
 
 
 class Source:
@@ -102,9 +102,9 @@ def test_process_counters_are_counted_per_process_and_kept_across_restarts(key: 
 def test_rate_limit_redis_errors_are_read_once_per_limiter() -> None:
     from types import SimpleNamespace
 
-    from core.metrics import rate_limit_redis_errors
+    from core.operations.metrics import rate_limit_redis_errors
 
-    class RateLimit:  # stands in for core.rate_limit.RateLimit: only `counters()` is read
+    class RateLimit:  # stands in for core.integrations.rate_limit.RateLimit: only `counters()` is read
         def __init__(self, errors: int) -> None:
             self.errors = errors
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.backoff import backoff_delay
+from core.foundation.backoff import backoff_delay
 
 
 def test_exponential_growth_without_jitter() -> None:

@@ -1,4 +1,4 @@
-"""`python main.py routes` helpers (core.cli_tools): stream routes shown as such, listing without Redis enabled."""
+"""`python main.py routes` helpers (core.operations.cli_tools): stream routes shown as such, listing without Redis enabled."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.cli_tools import format_route_table
-from core.config import load_settings
+from core.operations.cli_tools import format_route_table
+from core.foundation.config import load_settings
 from core.router import Router
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,8 +68,8 @@ def test_ordered_routes_have_an_ordered_column() -> None:
 
 
 def _routes_command(**env: str) -> subprocess.CompletedProcess[str]:
-    """`core.cli_tools.routes_command` (what `python main.py routes` runs) in a fresh interpreter."""
-    code = ("import os, sys\nfrom core.config import load_settings\nfrom core.cli_tools import routes_command\n"
+    """`core.operations.cli_tools.routes_command` (what `python main.py routes` runs) in a fresh interpreter."""
+    code = ("import os, sys\nfrom core.foundation.config import load_settings\nfrom core.operations.cli_tools import routes_command\n"
             "sys.exit(routes_command(load_settings(dict(os.environ))))")
     full = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "LANG": "C.UTF-8", **env}
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full, capture_output=True, text=True, timeout=60)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from core.config import (
+from core.foundation.config import (
     ConfigError,
     Settings,
     default_client_id,

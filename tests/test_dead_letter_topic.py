@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.dispatcher import dead_letter_matcher
+from core.runtime.dispatcher import dead_letter_matcher
 
 
 @pytest.mark.parametrize(

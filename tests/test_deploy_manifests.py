@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from core.config import SETTING_NAMES, load_settings
+from core.foundation.config import SETTING_NAMES, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"

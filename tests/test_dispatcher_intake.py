@@ -13,12 +13,12 @@ import contextvars
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from core.config import load_settings
-from core.context import Services
-from core.dispatcher import Dispatcher
+from core.foundation.config import load_settings
+from core.routing.context import Services
+from core.runtime.dispatcher import Dispatcher
 from core.router import Router, RouteTable
-from core.stats import ProcessStats
-from core.worker import HandlerWatch
+from core.runtime.stats import ProcessStats
+from core.processes.worker import HandlerWatch
 
 _request: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="")
 

@@ -1,4 +1,4 @@
-"""The events feed and the recent dead letters (core/events.py) and how the status page shows them."""
+"""The events feed and the recent dead letters (core/runtime/events.py) and how the status page shows them."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from typing import Any, Iterator
 
 import pytest
 
-from core import events
-from core.events import (
+from core.runtime import events
+from core.runtime.events import (
     DEAD_LETTER_CAPACITY, EVENT_CAPACITY, TEXT_LIMIT, FeedCursor, ingest_from_worker, recent_dead_letters,
     recent_events, record_dead_letter, record_event,
 )
-from core.status_page import render_fragment
+from core.operations.status_page import render_fragment
 
 
 @pytest.fixture(autouse=True)

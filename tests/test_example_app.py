@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bootstrap.app import Application
-from core.config import load_settings
+from core.foundation.config import load_settings
 from core.testing import TestClient
 
 

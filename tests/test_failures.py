@@ -1,4 +1,4 @@
-"""core.failures (transient or not), core.breaker (the circuit breaker) and core.error_log (bounded logs)."""
+"""core.foundation.failures (transient or not), core.runtime.breaker (the circuit breaker) and core.foundation.error_log (bounded logs)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from core.breaker import CLOSED, HALF_OPEN, OPEN, BreakerStopped, CircuitBreaker
-from core.error_log import ErrorLog
-from core.failures import DeadLetter, is_transient
+from core.runtime.breaker import CLOSED, HALF_OPEN, OPEN, BreakerStopped, CircuitBreaker
+from core.foundation.error_log import ErrorLog
+from core.foundation.failures import DeadLetter, is_transient
 
 
 def _sa(cls_name: str, orig: BaseException, invalidated: bool = False) -> BaseException:
@@ -197,7 +197,7 @@ def test_holding_is_summed_over_processes_and_the_most_open_breaker_is_shown() -
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from core.metrics import Aggregator, ProcessInfo, SystemSample, render_metrics
+    from core.operations.metrics import Aggregator, ProcessInfo, SystemSample, render_metrics
 
     def worker(name: str, pid: int, holding: dict[str, Any], held: int) -> ProcessInfo:
         stats = {"routes": {"orders/{n}": {"handled": 1, "failed": 0, "dead_lettered": 0, "seconds": 0.1,

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from core.context import MessageContext, Services
+from core.routing.context import MessageContext, Services
 from core.controller import Controller
-from core.handler import HandlerSpec, is_async_callable
+from core.routing.handler import HandlerSpec, is_async_callable
 from core.router import RouteError, Router
 
 THIS_MODULE = __name__

@@ -1,4 +1,4 @@
-"""The charts' history (core/history.py) and the SVG charts (core/charts.py), without a broker."""
+"""The charts' history (core/operations/history.py) and the SVG charts (core/operations/charts.py), without a broker."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any, Callable
 
 import pytest
 
-from core.charts import Line, history_charts, line_chart, nice_ceiling
-from core.history import History, quantile_ms
-from core.metrics import Aggregator, ProcessInfo, SystemSample
+from core.operations.charts import Line, history_charts, line_chart, nice_ceiling
+from core.operations.history import History, quantile_ms
+from core.operations.metrics import Aggregator, ProcessInfo, SystemSample
 
 BOUNDS = (0.001, 0.01, 0.1)
 ROUTE = "dev/{id}/data"

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from core.context import MessageContext, Services
-from core.middleware import BaseMiddleware, CallNext, build_chain, check_middleware
+from core.routing.context import MessageContext, Services
+from core.routing.middleware import BaseMiddleware, CallNext, build_chain, check_middleware
 from core.router import Router
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from core.config import load_settings
-from core.mqtt_client import MqttClient
+from core.foundation.config import load_settings
+from core.transport.mqtt_client import MqttClient
 
 
 def test_acks_queued_together_reach_paho_as_one_write_in_order() -> None:

@@ -1,4 +1,4 @@
-"""core.mqtt_properties.FastProperties decodes, checks and encodes exactly as paho's Properties does.
+"""core.transport.mqtt_properties.FastProperties decodes, checks and encodes exactly as paho's Properties does.
 
 Random packets (hypothesis) go through paho's own decoders twice, once building paho's
 `Properties` and once `FastProperties`: both must refuse the same packets (MalformedPacket) and
@@ -19,7 +19,7 @@ from paho.mqtt.exception import MalformedPacket, MQTTException
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
-from core.mqtt_properties import FastProperties
+from core.transport.mqtt_properties import FastProperties
 
 PAHO_IDENTS = sorted(Properties(PacketTypes.PUBLISH).properties)
 PACKET_TYPES = [t for t in range(1, 16)] + [PacketTypes.WILLMESSAGE]
@@ -204,7 +204,7 @@ def test_tables_are_paho_s() -> None:
 
 
 def test_a_subscription_identifier_publish_decodes_to_fast_properties_once_installed() -> None:
-    from core.mqtt_properties import install
+    from core.transport.mqtt_properties import install
 
     props = Properties(PacketTypes.PUBLISH)
     props.SubscriptionIdentifier = 7

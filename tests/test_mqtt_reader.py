@@ -1,4 +1,4 @@
-"""core.mqtt_reader.PacketReader hands paho the same packets as paho's own reader, however the bytes arrive.
+"""core.transport.mqtt_reader.PacketReader hands paho the same packets as paho's own reader, however the bytes arrive.
 
 Random streams of packets (hypothesis) arrive in random chunks on a fake socket. paho's
 `_packet_read` and `PacketReader.read` each drive a paho client whose `_packet_handle` records
@@ -19,7 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.properties import VariableByteIntegers
 
-from core.mqtt_reader import PacketReader
+from core.transport.mqtt_reader import PacketReader
 
 
 class ChunkedSocket:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from core.ordering import TopicSequencer, check_ordered_routes
+from core.runtime.ordering import TopicSequencer, check_ordered_routes
 from core.router import ROUTE_OPTIONS, RouteError, Router
 from core.worker_manager import WorkerPlan, ordered_route_processes
 from tests.support.rt_app import base_env, run_main

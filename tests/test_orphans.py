@@ -1,12 +1,12 @@
-"""Orphan notices (core/orphans.py): topics, payloads, when clients register them, and the settings."""
+"""Orphan notices (core/transport/orphans.py): topics, payloads, when clients register them, and the settings."""
 
 from __future__ import annotations
 
 import pytest
 
-from core.adoption import sweep_interval
-from core.config import ConfigError, load_settings
-from core.orphans import Notice, notice_filter, notice_payload, notice_topic, notices_enabled, parse_notice
+from core.processes.adoption import sweep_interval
+from core.foundation.config import ConfigError, load_settings
+from core.transport.orphans import Notice, notice_filter, notice_payload, notice_topic, notices_enabled, parse_notice
 
 
 def settings(**env: str):  # type: ignore[no-untyped-def]

@@ -16,15 +16,15 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import Column, Integer, MetaData, Table, select, update
 
-from core.config import ConfigError, load_settings
-from core.database import Database
-from core.outbox import (
+from core.foundation.config import ConfigError, load_settings
+from core.integrations.database import Database
+from core.integrations.outbox import (
     ABANDONED, FAILED, PENDING, PROCESSING, PUBLISHED, OutboxProcessor, UnitOfWork, outbox_table, retry_delay, utcnow,
 )
 
 
 class RecordingPublisher:
-    """Publisher interface of core.mqtt_client.MqttClient; `refuse` makes it fail like a refused publish."""
+    """Publisher interface of core.transport.mqtt_client.MqttClient; `refuse` makes it fail like a refused publish."""
 
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes, int, bool, Any]] = []
@@ -250,7 +250,7 @@ async def test_cleanup_removes_old_published_rows_only(db: Database, tmp_path: P
 
 
 def test_transaction_without_a_database_says_what_to_set() -> None:
-    from core.context import MessageContext, Services
+    from core.routing.context import MessageContext, Services
     from core.router import Router
 
     router = Router()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from core.payload import PayloadError, decode_payload, encode_payload
+from core.routing.payload import PayloadError, decode_payload, encode_payload
 
 
 @pytest.mark.parametrize(

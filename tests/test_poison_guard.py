@@ -8,7 +8,7 @@ from __future__ import annotations
 import paho.mqtt.client as paho
 import pytest
 
-from core.poison_guard import PoisonGuard
+from core.transport.poison_guard import PoisonGuard
 
 
 class Clock:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from core.config import ConfigError, Settings, load_settings
-from core.profiles import PROFILES, describe_profile
+from core.foundation.config import ConfigError, Settings, load_settings
+from core.foundation.profiles import PROFILES, describe_profile
 
 
 def test_no_profile_keeps_the_defaults() -> None:
@@ -62,8 +62,8 @@ def test_describe_profile_names_it_and_the_explicit_settings() -> None:
 
 
 def test_status_data_carries_the_profile() -> None:
-    from core.metrics import SystemSample, SystemView
-    from core.status_page import render_fragment, status_data
+    from core.operations.metrics import SystemSample, SystemView
+    from core.operations.status_page import render_fragment, status_data
 
     view = SystemView(SystemSample("single", 1, 1.0, False, None, []), [], [], {}, [], {})
     readiness = {"ready": True, "reasons": [], "checks": {}}

@@ -1,4 +1,4 @@
-"""core.rate_limit: token buckets in memory, a Redis sliding window shared by processes, and the middleware."""
+"""core.integrations.rate_limit: token buckets in memory, a Redis sliding window shared by processes, and the middleware."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from core.config import load_settings
-from core.rate_limit import RateLimit, RedisSlidingWindow, TokenBuckets, check_rate_limits
+from core.foundation.config import load_settings
+from core.integrations.rate_limit import RateLimit, RedisSlidingWindow, TokenBuckets, check_rate_limits
 from core.router import RouteError, Router
 from core.testing import TestClient
 from tests.support.ops import Publisher, app_factory, metric, ready, scrape, wait_until_sync  # noqa: F401
@@ -249,7 +249,7 @@ async def test_a_redis_that_does_not_answer_counts_as_unavailable(unique_id: str
 
 
 async def test_a_process_without_the_redis_client_dead_letters_naming_enable_redis(redis_server: Any) -> None:
-    from core.rate_limit import REDIS_KEY
+    from core.integrations.rate_limit import REDIS_KEY
 
     router = limited_router(RateLimit(5, backend="redis"), [])
     async with TestClient(router, env=redis_env(redis_server.url)) as client:
@@ -261,7 +261,7 @@ async def test_a_process_without_the_redis_client_dead_letters_naming_enable_red
 
 
 def test_ready_checks_the_redis_of_a_rate_limit_with_its_own_url() -> None:
-    from core.http import RedisCheck, route_checks
+    from core.operations.http import RedisCheck, route_checks
 
     settings = load_settings({"ENABLE_REDIS": "true", "REDIS_URL": "redis://main:6379/0"})
     router = Router()

@@ -1,4 +1,4 @@
-"""Retry policies of routes (core.retry) through the real Dispatcher, in the TestClient."""
+"""Retry policies of routes (core.runtime.retry) through the real Dispatcher, in the TestClient."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from core.retry import Retry
+from core.runtime.retry import Retry
 from core.router import RouteError, Router
 from core.testing import TestClient
 
@@ -239,7 +239,7 @@ async def test_a_stream_route_holds_on_a_transient_failure() -> None:
     ({"retry_backoff": ()}, "retry_backoff must be"),
     ({"retry_backoff": (1, -2)}, "retry_backoff must be"),
     ({"retry": Retry(), "retries": 2}, "not both"),
-    ({"retry": 3}, "retry must be a core.retry.Retry"),
+    ({"retry": 3}, "retry must be a core.runtime.retry.Retry"),
 ])
 def test_bad_retry_options_fail_at_registration_naming_the_route(options: dict[str, Any], message: str) -> None:
     router = Router()

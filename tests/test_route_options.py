@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from core.middleware import BaseMiddleware
+from core.routing.middleware import BaseMiddleware
 from core.router import ROUTE_OPTIONS, Route, RouteError, Router
 from tests.support.rt_app import base_env, run_main
 

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from core.middleware import BaseMiddleware
+from core.routing.middleware import BaseMiddleware
 from core.router import Route, RouteError, Router, merge_routers
-from core.router_registry import RouterRegistry
-from core.validation import PayloadValidationError
+from core.routing.router_registry import RouterRegistry
+from core.routing.validation import PayloadValidationError
 
 CALLS: list[dict[str, Any]] = []
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.middleware import BaseMiddleware
+from core.routing.middleware import BaseMiddleware
 from core.router import RouteError, Router, RouteTable, compile_pattern, merge_routers
 
 THIS_MODULE = __name__  # routes registered here name this module in their errors

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from core.config import load_settings
+from core.foundation.config import load_settings
 from core.router import Router
-from core.runtime import Runtime
+from core.runtime.runtime import Runtime
 
 
 async def handle() -> None:

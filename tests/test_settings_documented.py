@@ -1,4 +1,4 @@
-"""Every setting core/config.py reads is listed in .env.example and documented in README.md or docs/."""
+"""Every setting core/foundation/config.py reads is listed in .env.example and documented in README.md or docs/."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = (ROOT / "core" / "config.py").read_text()
+CONFIG = (ROOT / "core" / "foundation" / "config.py").read_text()
 SETTINGS = sorted(set(re.findall(r'"([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)"', CONFIG)))
 ENV_EXAMPLE = (ROOT / ".env.example").read_text()
 DOCS = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])

@@ -6,11 +6,11 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from core.config import load_settings
-from core.context import MessageContext, Services
+from core.foundation.config import load_settings
+from core.routing.context import MessageContext, Services
 from core.router import Router
-from core.stats import ProcessStats
-from core.streams import StreamConsumer, encode_entry
+from core.runtime.stats import ProcessStats
+from core.integrations.streams import StreamConsumer, encode_entry
 
 
 class Pipeline:

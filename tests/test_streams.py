@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from bootstrap.app import Application
-from core.config import ConfigError, Settings, load_settings
-from core.context import MessageContext, Services
+from core.foundation.config import ConfigError, Settings, load_settings
+from core.routing.context import MessageContext, Services
 from core.router import RouteError, Router, RouteTable
-from core.runtime import Runtime
-from core.streams import StreamProperties, check_stream_routes, decode_entry, encode_entry, original_fields
+from core.runtime.runtime import Runtime
+from core.integrations.streams import StreamProperties, check_stream_routes, decode_entry, encode_entry, original_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -162,7 +162,7 @@ def test_transient_redis_errors_are_held_and_others_are_not() -> None:
         BusyLoadingError, ConnectionError, OutOfMemoryError, ReadOnlyError, ResponseError, TimeoutError,
     )
 
-    from core.streams import is_transient, is_unreachable
+    from core.integrations.streams import is_transient, is_unreachable
 
     for exc in (ConnectionError("refused"), TimeoutError("slow"), OSError("reset"), BusyLoadingError("loading"),
                 ReadOnlyError("You can't write against a read only replica.", status_code="READONLY"),

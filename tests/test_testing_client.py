@@ -8,10 +8,10 @@ from typing import Any, Callable
 
 import pytest
 
-from core.config import load_settings
-from core.dispatcher import DeadLetter
+from core.foundation.config import load_settings
+from core.runtime.dispatcher import DeadLetter
 from core.router import Router
-from core.runtime import Runtime
+from core.runtime.runtime import Runtime
 from core.testing import TestClient, TestClientError
 from tests.support.ops import wait_until
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.topic_trie import TopicTrie, filter_matches, validate_filter
+from core.routing.topic_trie import TopicTrie, filter_matches, validate_filter
 
 
 def reference_match(topic_filter: str, topic: str) -> bool:

@@ -11,11 +11,11 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from core import tracing
-from core.config import ConfigError, load_settings
+from core.foundation import tracing
+from core.foundation.config import ConfigError, load_settings
 from core.router import Router
 from core.testing import TestClient
-from core.tracing import parse_traceparent, trim_tracestate
+from core.foundation.tracing import parse_traceparent, trim_tracestate
 from tests.support.otel import spans  # noqa: F401  (fixture)
 
 TRACE_ID, PARENT_ID = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from core.router import Router, RouteError
 from core.testing import TestClient
-from core.validation import PayloadValidationError, is_validated_type, to_jsonable
+from core.routing.validation import PayloadValidationError, is_validated_type, to_jsonable
 
 
 class Reading(BaseModel):

@@ -1,4 +1,4 @@
-"""core.wire: what may go on the wire (issue 9, section 1), without a broker.
+"""core.transport.wire: what may go on the wire (issue 9, section 1), without a broker.
 
 tests/integration/test_wire_broker.py checks the same rules against a real Mosquitto.
 """
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from core.router import Router
 from core.testing import TestClient
-from core.wire import (MAX_STRING_BYTES, WireError, check_topic_name, publish_properties, sanitize, string_problem,
+from core.transport.wire import (MAX_STRING_BYTES, WireError, check_topic_name, publish_properties, sanitize, string_problem,
                        truncate)
 
 # Any code point, surrogates included, with the troublesome ones made likely.

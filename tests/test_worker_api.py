@@ -10,9 +10,9 @@ import logging
 
 import pytest
 
-from core.config import ConfigError, load_settings
+from core.foundation.config import ConfigError, load_settings
 from core.router import Router
-from core.worker_api import _running
+from core.processes.worker_api import _running
 from core.worker_manager import WorkerManager
 
 SETTINGS = load_settings({"MQTT_BROKER": "127.0.0.1", "MQTT_CLIENT_ID": "app", "MQTT_GROUP_NAME": "workers"})

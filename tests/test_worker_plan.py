@@ -7,9 +7,9 @@ import signal
 
 import pytest
 
-from core.config import load_settings
+from core.foundation.config import load_settings
 from core.router import Router
-from core.worker import (
+from core.processes.worker import (
     HandlerWatch,
     WorkerSpec,
     client_id_for,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from core.context import MessageContext
+from core.routing.context import MessageContext
 from core.controller import Controller
 
 

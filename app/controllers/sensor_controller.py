@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.controller import Controller
-from core.dispatcher import DeadLetter
+from core.runtime.dispatcher import DeadLetter
 
 
 class SensorController(Controller):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from core.context import MessageContext
-from core.middleware import BaseMiddleware, CallNext
+from core.routing.context import MessageContext
+from core.routing.middleware import BaseMiddleware, CallNext
 
 
 class TimingMiddleware(BaseMiddleware):

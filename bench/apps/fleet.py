@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 
-from core.context import MessageContext
+from core.routing.context import MessageContext
 from core.router import Router
 
 _RECORD = os.environ.get("BENCH_FLEET_RECORD", "")

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from core.config import load_settings
-from core.embedded_broker import EmbeddedBroker
+from core.foundation.config import load_settings
+from core.transport.embedded_broker import EmbeddedBroker
 from core.router import Route, Router
-from core.runtime import Runtime
+from core.runtime.runtime import Runtime
 from tests.support.rt_probe import Probe
 
 HOST = "127.0.0.1"

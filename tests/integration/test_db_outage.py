@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text
 
-from core.config import load_settings
-from core.database import Database
-from core.outbox import PUBLISHED, OutboxProcessor, UnitOfWork, outbox_table
+from core.foundation.config import load_settings
+from core.integrations.database import Database
+from core.integrations.outbox import PUBLISHED, OutboxProcessor, UnitOfWork, outbox_table
 from tests.apps.streams_support.harness import AppProcess, Collector, Publisher, app_env
 from tests.support.ops import TcpProxy, http_get, metric, parse_metrics
 from tests.support.servers import MosquittoServer, free_port

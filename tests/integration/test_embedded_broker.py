@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 import pytest_asyncio
 
-from core.embedded_broker import EmbeddedBroker, EmbeddedBrokerError, parse_shared_filter
+from core.transport.embedded_broker import EmbeddedBroker, EmbeddedBrokerError, parse_shared_filter
 from tests.support.servers import free_port
 
 HOST = "127.0.0.1"

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from core.config import load_settings
+from core.foundation.config import load_settings
 from core.router import Router
-from core.runtime import Runtime
+from core.runtime.runtime import Runtime
 from tests.integration.conftest import BrokerTarget, ProbeFn, ServeFn
 from tests.support.rt_app import AppProcess, base_env, read_events
 from tests.support.rt_proxy import MqttProxy

@@ -296,7 +296,7 @@ async def test_two_adopters_of_one_session_only_the_last_ends_it_after_handling_
     from collections import Counter
 
     from bootstrap.app import Application
-    from core.config import load_settings
+    from core.foundation.config import load_settings
     from core.router import Router
     from core.worker_manager import ParkedSessions
     from tests.integration.test_workers import session_present

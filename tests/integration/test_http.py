@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from core.config import ConfigError, load_settings
-from core.http import HttpServer, OpsServer, OpsServerError, ReadinessCheck, Request, Response
-from core.metrics import ProcessInfo, SystemSample
+from core.foundation.config import ConfigError, load_settings
+from core.operations.http import HttpServer, OpsServer, OpsServerError, ReadinessCheck, Request, Response
+from core.operations.metrics import ProcessInfo, SystemSample
 from tests.support.ops import (  # noqa: F401 - app_factory is a fixture
     Publisher, app_factory, http_get, metric, metric_sum, ready, scrape, wait_until_sync,
 )
@@ -263,7 +263,7 @@ def test_workers_metrics_add_up_across_processes_and_restarts(mosquitto_factory:
 async def test_ready_checks_redis_and_the_database_when_enabled(redis_factory: Any, tmp_path: Any) -> None:
     from types import SimpleNamespace
 
-    from core.http import DatabaseCheck, RedisCheck, default_checks
+    from core.operations.http import DatabaseCheck, RedisCheck, default_checks
 
     redis = redis_factory()
     database_url = f"sqlite+aiosqlite:///{tmp_path / 'ready.db'}"
@@ -294,7 +294,7 @@ async def test_ready_checks_redis_and_the_database_when_enabled(redis_factory: A
 async def test_ready_names_the_database_while_it_is_unreachable_and_recovers() -> None:
     """A TCP proxy in front of the machine's PostgreSQL is taken away and brought back on the same port:
     /ready turns 503 naming the database, then 200 again through the check's (pooled) engine."""
-    from core.http import default_checks
+    from core.operations.http import default_checks
     from tests.support.ops import TcpProxy
 
     proxy = TcpProxy("127.0.0.1", 5432)

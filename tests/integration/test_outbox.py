@@ -21,9 +21,9 @@ import redis
 from sqlalchemy import Column, Integer, MetaData, Table, select, text
 
 from bootstrap.app import Application
-from core.config import load_settings
-from core.database import Database
-from core.outbox import (ABANDONED, MQTT, OUTBOX_KEY, PROCESSING, PUBLISHED, OutboxProcessor, UnitOfWork,
+from core.foundation.config import load_settings
+from core.integrations.database import Database
+from core.integrations.outbox import (ABANDONED, MQTT, OUTBOX_KEY, PROCESSING, PUBLISHED, OutboxProcessor, UnitOfWork,
                          outbox_table, utcnow)
 from core.router import Router
 from tests.apps.streams_support.harness import AppProcess, Collector, Publisher, app_env, wait_for
@@ -372,7 +372,7 @@ async def test_stream_rows_wait_unclaimed_while_redis_is_down_and_are_published_
         redis_factory: Callable[..., RedisServer], unique_id: str, tmp_path: Path) -> None:
     """A private redis-server is stopped (by PID) while stream rows are due: no attempt is spent on them, however
     many rounds pass (OUTBOX_MAX_ATTEMPTS=2 would abandon them after two); after it starts again all are published."""
-    from core.streams import make_redis
+    from core.integrations.streams import make_redis
 
     server = redis_factory()
     url = f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"

@@ -16,9 +16,9 @@ import pytest
 from sqlalchemy import text
 
 from bootstrap.app import Application
-from core.config import load_settings
-from core.database import Database
-from core.outbox import OUTBOX_KEY, PUBLISHED, UnitOfWork
+from core.foundation.config import load_settings
+from core.integrations.database import Database
+from core.integrations.outbox import OUTBOX_KEY, PUBLISHED, UnitOfWork
 from core.router import Router
 from tests.apps.streams_support.harness import Collector
 from tests.support.ops import TcpProxy

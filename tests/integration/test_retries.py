@@ -7,7 +7,7 @@ import asyncio
 import redis.asyncio
 
 from bootstrap.app import Application
-from core.config import load_settings
+from core.foundation.config import load_settings
 from core.router import Router
 from tests.apps.streams_support.harness import Publisher
 from tests.integration.conftest import BrokerTarget, ProbeFn, ServeFn

@@ -11,9 +11,9 @@ from typing import Any, Callable
 
 import pytest
 
-from core.context import MessageContext
-from core.middleware import BaseMiddleware, CallNext
-from core.retry import Retry
+from core.routing.context import MessageContext
+from core.routing.middleware import BaseMiddleware, CallNext
+from core.runtime.retry import Retry
 from core.router import Router
 from tests.integration.conftest import BrokerTarget, ProbeFn, ServeFn
 from tests.support.rt_probe import Probe
@@ -537,7 +537,7 @@ async def test_overlapping_filters_each_route_once_on_mosquitto(
 
 async def test_overlapping_filters_each_route_once_on_embedded_broker(
         serve: ServeFn, probe_factory: ProbeFn, unique_id: str) -> None:
-    from core.embedded_broker import EmbeddedBroker
+    from core.transport.embedded_broker import EmbeddedBroker
 
     async with EmbeddedBroker("127.0.0.1", 0) as embedded:
         target = BrokerTarget("embedded", embedded.host, embedded.port, v5=False)

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import redis
 
-from core.database import Database
-from core.outbox import ABANDONED, FAILED, UnitOfWork, outbox_table, utcnow
+from core.integrations.database import Database
+from core.integrations.outbox import ABANDONED, FAILED, UnitOfWork, outbox_table, utcnow
 from tests.apps.streams_support.harness import AppProcess, Publisher, Records, app_env, wait_for
 from tests.support.ops import metric, scrape
 from tests.support.servers import MosquittoServer, RedisServer, free_port

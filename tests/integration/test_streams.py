@@ -17,9 +17,9 @@ import pytest
 import redis
 
 from bootstrap.app import Application
-from core.config import load_settings
+from core.foundation.config import load_settings
 from core.router import Router
-from core.streams import original_fields
+from core.integrations.streams import original_fields
 from tests.apps.streams_support.harness import AppProcess, Publisher, Records, app_env, wait_for
 from tests.support.servers import MosquittoServer, RedisServer
 

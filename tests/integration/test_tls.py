@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from core.config import load_settings
+from core.foundation.config import load_settings
 from core.router import Router
-from core.runtime import Runtime
+from core.runtime.runtime import Runtime
 from tests.integration.conftest import BrokerTarget, ServeFn
 from tests.support.rt_wait import wait_until
 

@@ -17,9 +17,9 @@ import pytest
 import redis
 
 from bootstrap.app import Application
-from core.config import load_settings
+from core.foundation.config import load_settings
 from core.router import Router
-from core.tracing import parse_traceparent
+from core.foundation.tracing import parse_traceparent
 from tests.support.otel import spans  # noqa: F401  (fixture)
 from tests.support.rt_probe import Probe
 from tests.support.rt_wait import wait_until

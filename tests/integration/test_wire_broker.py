@@ -1,4 +1,4 @@
-"""core.wire against a real Mosquitto (issue 9, section 1).
+"""core.transport.wire against a real Mosquitto (issue 9, section 1).
 
 1. The validator and the broker agree: a string the validator passes is accepted in a topic and in
    a user property, one it refuses makes the broker drop the connection.
@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-import core.mqtt_client as mqtt_client
-from core.config import load_settings
-from core.mqtt_client import MqttClient, PublishError
-from core.wire import WireError, check_topic_name, string_problem
+import core.transport.mqtt_client as mqtt_client
+from core.foundation.config import load_settings
+from core.transport.mqtt_client import MqttClient, PublishError
+from core.transport.wire import WireError, check_topic_name, string_problem
 from tests.integration.conftest import BrokerTarget, ProbeFn
 from tests.support.raw_mqtt import RawClient, encode
 from tests.test_wire import any_text

@@ -28,8 +28,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bootstrap.app import Application
-from core.config import load_settings
-from core.embedded_broker import EmbeddedBroker
+from core.foundation.config import load_settings
+from core.transport.embedded_broker import EmbeddedBroker
 from core.router import Router
 from core.worker_manager import ParkedSessions
 from tests.integration.conftest import BrokerTarget

@@ -14,7 +14,7 @@ import sys
 import threading
 
 from bootstrap.app import discover_routers
-from core.logging_setup import setup_logging
+from core.foundation.logging_setup import setup_logging
 from core.router import merge_routers
 from core.worker_manager import WorkerManager
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.context import MessageContext
+from core.routing.context import MessageContext
 from core.router import Router
 
 PREFIX = os.environ.get("CORE_APP_PREFIX", "core-app")

@@ -8,7 +8,7 @@ import os
 
 from pydantic import BaseModel
 
-from core.rate_limit import RateLimit
+from core.integrations.rate_limit import RateLimit
 from core.router import Router
 
 log = logging.getLogger("ops_app")

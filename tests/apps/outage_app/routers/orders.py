@@ -1,7 +1,7 @@
 """Orders through the outbox, idempotent per order number, for the database-outage test.
 
 OUTAGE_APP_PREFIX  topics: `<prefix>/in/{n}` in, `<prefix>/out/{n}` out
-OUTAGE_APP_ORDERS  name of the business table (created at start through core.database.Base)
+OUTAGE_APP_ORDERS  name of the business table (created at start through core.integrations.database.Base)
 
 A handler whose COMMIT was cut off cannot know whether it committed; the redelivered (retried)
 order finds its row and does nothing, as an at-least-once consumer must.
@@ -13,8 +13,8 @@ import os
 
 from sqlalchemy import Column, Integer, Table, select
 
-from core.context import MessageContext
-from core.database import Base
+from core.routing.context import MessageContext
+from core.integrations.database import Base
 from core.router import Router
 
 _PREFIX = os.environ.get("OUTAGE_APP_PREFIX", "outage-app")

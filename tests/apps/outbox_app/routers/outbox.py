@@ -1,7 +1,7 @@
 """One shared route whose handler writes an order row and an outbox message in one transaction.
 
 OUTBOX_APP_PREFIX  topics: `<prefix>/in/{n}` in, `<prefix>/out/{n}` out
-OUTBOX_APP_ORDERS  name of the business table (created at start through core.database.Base)
+OUTBOX_APP_ORDERS  name of the business table (created at start through core.integrations.database.Base)
 OUTBOX_APP_RAISE   comma-separated n whose handler raises after tx.publish (nothing may be published)
 """
 
@@ -11,8 +11,8 @@ import os
 
 from sqlalchemy import Column, Integer, String, Table
 
-from core.context import MessageContext
-from core.database import Base
+from core.routing.context import MessageContext
+from core.integrations.database import Base
 from core.router import Router
 
 _PREFIX = os.environ.get("OUTBOX_APP_PREFIX", "outbox-app")

@@ -26,7 +26,7 @@ import os
 import time
 from pathlib import Path
 
-from core.context import MessageContext
+from core.routing.context import MessageContext
 from core.router import Router
 
 _RECORD = os.environ.get("SEQAPP_RECORD", "")

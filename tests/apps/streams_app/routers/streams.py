@@ -18,7 +18,7 @@ import asyncio
 import os
 import signal
 
-from core.context import MessageContext
+from core.routing.context import MessageContext
 from core.router import Router
 
 _RECORD = os.environ.get("STREAMS_APP_RECORD", "")
