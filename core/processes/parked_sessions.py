@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Sequence
 
 from core.foundation.config import Settings
+from core.foundation.failures import first_line
 from core.routing.router import Router
 from core.processes.worker_slots import client_id_for, serve_only
 
@@ -131,7 +132,16 @@ class ParkedSessions:
         self.last_drain = (runtime.stats, marker.route.pattern)
         # Join no group, only the marker's topic; a resumed session brings its own subscriptions.
         serve_only(runtime, [marker.route], settings.mqtt_group_name)
-        await runtime.start()
+        try:
+            await runtime.start()
+        except Exception as exc:
+            # A hook could not start (e.g. the database is down right now): nothing was connected or
+            # handled, so the session is untouched and the next start (or a later sweep) looks again.
+            if not self._stopping:
+                log.warning("could not look for messages parked by %s in the session of %s: %s: %s; "
+                            "they stay in its session until the next start", left_by, client_id,
+                            type(exc).__name__, first_line(exc))
+            return None, True
         if not await self._wait_ready_or_stop(runtime, timeout=10):
             if not self._stopping:
                 log.warning("could not connect as %s to look for messages parked by %s; "

@@ -157,8 +157,18 @@ class Runtime:
         """Connect and subscribe (in the background) and start hooks."""
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
-        for hook in self.hooks:
-            await hook.start(self)
+        started: list[RuntimeHook] = []
+        try:
+            for hook in self.hooks:
+                await hook.start(self)
+                started.append(hook)
+        except BaseException:
+            for hook in reversed(started):  # leave nothing running behind a start that failed
+                try:
+                    await hook.stop(self)
+                except Exception:
+                    log.exception("stopping hook %r after a failed start", hook)
+            raise
         self.client.start(self._loop)
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
